@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch on this workplace's local disk; an unpinned torch would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]" $(TORCH)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/diffinv demo --out outputs/demo
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/ruff check src tests benchmarks
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: install
+	$(PY) benchmarks/run.py --out BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) outputs build *.egg-info src/*.egg-info

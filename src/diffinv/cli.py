@@ -1,0 +1,78 @@
+"""The ``diffinv`` command line: one subcommand per module in :mod:`diffinv.commands`.
+
+Errors are one line on stderr: ``error: ...``, exit 2 for usage errors (bad options, files,
+prompts), 1 for runtime failures; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["CommandError", "UsageError", "main"]
+
+COMMANDS = ("solvers", "demo", "edit", "bench", "report")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: exit status 2."""
+
+
+class CommandError(RuntimeError):
+    """A failure while running: exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every available subcommand."""
+    parser = _Parser(prog="diffinv", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"diffinv.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"diffinv.commands.{name}":
+                continue  # subcommand not built yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        usage = isinstance(err, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError))
+        usage = usage and not isinstance(err, CommandError)
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2 if usage else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

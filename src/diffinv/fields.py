@@ -1,0 +1,149 @@
+"""The one place that knows prediction types and the four forms of the probability-flow ODE.
+
+A model enters as a callable ``eps(x, t) -> Tensor`` (classifier-free guidance already folded in),
+``t`` a tensor of float model timesteps. :func:`as_eps_model` adapts v- and x0-prediction models.
+A :class:`Field` binds such a model to a :class:`~diffinv.schedules.NoiseSchedule`.
+
+An :class:`ODEForm` says which variable ``s`` the solver steps in, which state ``Y = x / w(t)`` it
+carries and what ``dY/ds`` is (reference/solvers.md §2; the variable changes are DERIVED there, since
+the paper's eqs. 25-28 could not be read):
+
+==============  ================  ==============  ===================================
+name            time ``s``        state ``Y``     ``dY/ds``
+==============  ================  ==============  ===================================
+``t``           timestep ``tau``  ``x``           ``g x - (g / sigma) eps``, ``g = d log alpha / d tau``
+``lambda-eps``  ``lambda``        ``x / alpha``   ``-(sigma / alpha) eps``
+``lambda-x``    ``lambda``        ``x / sigma``   ``(alpha / sigma) x0``  (the paper's default)
+``sigma``       ``sigma / alpha`` ``x / alpha``   ``eps``
+==============  ================  ==============  ===================================
+
+All four are the same ODE; an RK method gives different numbers in each. Euler in ``sigma`` is DDIM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .schedules import NoiseSchedule
+
+__all__ = ["FORMS", "PREDICTION_TYPES", "EpsModel", "Field", "ODEForm", "as_eps_model", "get_form"]
+
+EpsModel = Callable[[Tensor, Tensor], Tensor]
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def as_eps_model(
+    model: Callable[[Tensor, Tensor], Tensor], schedule: NoiseSchedule, prediction_type: str = "epsilon"
+) -> EpsModel:
+    """Wrap a model predicting ``prediction_type`` (diffusers' names) so that it returns eps."""
+    if prediction_type == "epsilon":
+        return model
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+
+    def eps(x: Tensor, t: Tensor) -> Tensor:
+        out = model(x, t)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        alpha = schedule.alpha(t.detach().cpu()).to(x.device, x.dtype).reshape(shape)
+        sigma = schedule.sigma(t.detach().cpu()).to(x.device, x.dtype).reshape(shape)
+        if prediction_type == "v_prediction":  # v = alpha eps - sigma x0  =>  eps = sigma x + alpha v
+            return sigma * x + alpha * out
+        return (x - alpha * out) / sigma  # "sample": the model predicts x0
+
+    return eps
+
+
+class Field:
+    """An eps-model on a schedule: eps and x0 at scalar float timesteps, counting model calls."""
+
+    def __init__(self, model: EpsModel, schedule: NoiseSchedule):
+        if not callable(model):
+            raise ValueError(f"model must be callable as eps(x, t), got {type(model).__name__}")
+        self.model = model
+        self.schedule = schedule
+        self.nfe = 0
+
+    def eps(self, x: Tensor, t: float) -> Tensor:
+        """Model output (eps) at latent ``x`` and scalar timestep ``t``."""
+        tdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.nfe += 1
+        out = self.model(x, torch.full((), t, dtype=tdtype, device=x.device))
+        if out.shape != x.shape:
+            raise ValueError(f"model returned shape {tuple(out.shape)} for input of shape {tuple(x.shape)}")
+        return out.to(x.dtype)
+
+    def x0(self, x: Tensor, t: float) -> Tensor:
+        """Data prediction ``(x - sigma eps) / alpha``."""
+        a, s = self.coefficients(t)
+        return (x - s * self.eps(x, t)) / a
+
+    def coefficients(self, t: float) -> tuple[float, float]:
+        """``(alpha_t, sigma_t)`` as Python floats."""
+        return float(self.schedule.alpha(t)), float(self.schedule.sigma(t))
+
+
+@dataclass(frozen=True)
+class ODEForm:
+    """One parameterisation of the probability-flow ODE: time variable, state variable, right-hand side."""
+
+    name: str
+    description: str
+
+    def s_of_t(self, schedule: NoiseSchedule, t: float) -> float:
+        """Solver time of model timestep ``t``."""
+        if self.name == "t":
+            return float(t)
+        if self.name == "sigma":
+            return float(schedule.chi(t))
+        return float(schedule.lam(t))
+
+    def t_of_s(self, schedule: NoiseSchedule, s: float) -> float:
+        """Model timestep of solver time ``s``."""
+        if self.name == "t":
+            return float(s)
+        if self.name == "sigma":
+            return float(schedule.timestep_of_chi(s))
+        return float(schedule.timestep_of_lam(s))
+
+    def weight(self, schedule: NoiseSchedule, t: float) -> float:
+        """``w(t)`` in ``Y = x / w(t)``."""
+        if self.name == "t":
+            return 1.0
+        if self.name == "lambda-x":
+            return float(schedule.sigma(t))
+        return float(schedule.alpha(t))
+
+    def rhs(self, field: Field, t: float, y: Tensor) -> Tensor:
+        """``dY/ds`` at state ``y`` and model timestep ``t`` (one model call)."""
+        alpha, sigma = field.coefficients(t)
+        if self.name == "t":
+            g = float(field.schedule.d_log_alpha(t))
+            eps = field.eps(y, t)
+            return g * y - (g / sigma) * eps
+        if self.name == "lambda-x":
+            return y - field.eps(sigma * y, t)  # (alpha / sigma) x0 with x = sigma y
+        eps = field.eps(alpha * y, t)
+        return eps if self.name == "sigma" else -(sigma / alpha) * eps
+
+
+FORMS: dict[str, ODEForm] = {
+    f.name: f
+    for f in (
+        ODEForm("t", "original time: dx/dt in model timesteps"),
+        ODEForm("lambda-eps", "half-log-SNR time, eps form: d(x/alpha)/dlam = -(sigma/alpha) eps"),
+        ODEForm("lambda-x", "half-log-SNR time, data form: d(x/sigma)/dlam = (alpha/sigma) x0"),
+        ODEForm("sigma", "sigma/alpha time, state x/alpha: d(x/alpha)/dchi = eps"),
+    )
+}
+
+
+def get_form(name: str) -> ODEForm:
+    """The ODE form called ``name``."""
+    try:
+        return FORMS[name]
+    except KeyError:
+        raise ValueError(f"unknown ODE form {name!r}; choose one of {', '.join(FORMS)}") from None

@@ -1,0 +1,84 @@
+"""The solver registry: every method by its registry name, built with its options."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from ..tableaux import EES25, EES27, EULER, HEUN, MIDPOINT, RALSTON, RK4, Tableau, ees25, ees27
+from .base import Grid, Solver, State
+from .exponential import DDIM
+from .rk import ExplicitRK
+
+__all__ = ["DDIM", "SOLVERS", "ExplicitRK", "Grid", "Solver", "State", "get_solver", "list_solvers"]
+
+
+def _rk(name: str, tableau: Tableau) -> Callable[..., Solver]:
+    def make(form: str = "lambda-x") -> Solver:
+        return ExplicitRK(tableau, form=form, name=name)
+
+    make.__doc__ = f"{tableau.name} ({tableau.stages} stages, order {tableau.order})."
+    return make
+
+
+def _ees25(form: str = "lambda-x", x: float | None = None) -> Solver:
+    """EES(2,5;x), default x = 1/10."""
+    if x is None:
+        return ExplicitRK(EES25, form=form, name="ees25")
+    return ExplicitRK(ees25(float(x)), form=form, name="ees25", x=float(x))
+
+
+def _ees27(form: str = "lambda-x", x: float | None = None) -> Solver:
+    """EES(2,7;x), default x = (5 - 3 sqrt 2)/14."""
+    if x is None:
+        return ExplicitRK(EES27, form=form, name="ees27")
+    return ExplicitRK(ees27(float(x)), form=form, name="ees27", x=float(x))
+
+
+SOLVERS: dict[str, Callable[..., Solver]] = {
+    "ddim": DDIM,
+    "euler": _rk("euler", EULER),
+    "heun": _rk("heun", HEUN),
+    "midpoint": _rk("midpoint", MIDPOINT),
+    "ralston": _rk("ralston", RALSTON),
+    "rk4": _rk("rk4", RK4),
+    "ees25": _ees25,
+    "ees27": _ees27,
+}
+
+
+def list_solvers() -> list[str]:
+    """Registry names of all solvers."""
+    return list(SOLVERS)
+
+
+def solver_options(name: str) -> dict[str, Any]:
+    """The options a solver takes, with their defaults."""
+    factory = _factory(name)
+    return {
+        p.name: p.default
+        for p in inspect.signature(factory).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _factory(name: str) -> Callable[..., Solver]:
+    try:
+        return SOLVERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}") from None
+
+
+def get_solver(name: str | Solver, **options: Any) -> Solver:
+    """Build the solver registered as ``name`` with ``options`` (e.g. ``form="lambda-x"``)."""
+    if isinstance(name, Solver):
+        if options:
+            raise ValueError(f"options {sorted(options)} given with an already built solver {name.describe()}")
+        return name
+    known = solver_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        accepted = ", ".join(known) or "none"
+        raise ValueError(f"solver {name!r} has no option {', '.join(map(repr, unknown))} (accepted: {accepted})")
+    return _factory(name)(**options)
