@@ -1,0 +1,111 @@
+"""Tiny random diffusers models built from config, for offline tests (see reference/environment.md)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def tiny_clip_tokenizer(max_len: int = 77):
+    """A byte-level CLIP tokenizer with no merges: 2 specials + 256 chars + 256 "c</w>"."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    for c in chars:
+        vocab.setdefault(c + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_len)
+
+
+def tiny_unet(seed: int = 0, sample_size: int = 8, cross_attention_dim: int = 32, dtype=torch.float32):
+    """A ~1M-parameter SD-like UNet2DConditionModel with random weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+    )
+    return unet.to(dtype).eval()
+
+
+def tiny_unet_eps(unet, context: torch.Tensor, scale: float = 1.0):
+    """``eps(x, t)`` of a UNet with a fixed text context; ``scale`` < 1 damps the random output."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ctx = context.to(x.dtype).expand(x.shape[0], *context.shape[1:])
+        return scale * unet(x, t, encoder_hidden_states=ctx).sample
+
+    return eps
+
+
+def tiny_sd_pipe(seed: int = 0):
+    """A tiny StableDiffusionPipeline (64x64 images, 8x8 latents) with random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = tiny_unet(seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    tok = tiny_clip_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tok),
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+    )
+    sched = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def float64_copy(module):
+    """A float64 deep copy of a torch module (exactness tests run the UNet in float64)."""
+    return copy.deepcopy(module).double()
