@@ -10,7 +10,18 @@ from .tableaux import Tableau, ees25, ees27
 
 __version__ = "0.1.0"
 
-__all__ = [
+
+def __getattr__(name: str):
+    # The editor needs diffusers; import it only when asked for, so `import diffinv` needs only torch.
+    if name == "Editor":
+        from .editor import Editor
+
+        return Editor
+    raise AttributeError(f"module 'diffinv' has no attribute {name!r}")
+
+
+__all__ = [  # noqa: RUF022 - Editor is resolved lazily by __getattr__
+    "Editor",
     "FORMS",
     "Field",
     "Inversion",
