@@ -1,0 +1,218 @@
+"""PIE-Bench metrics: exact values against independent computations, and every network path with random weights."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffinv import metrics as M
+
+
+def _images(size=48, seed=0):
+    from skimage import data
+
+    a = np.asarray(Image.fromarray(data.astronaut()).resize((size, size), Image.Resampling.BICUBIC))
+    rng = np.random.default_rng(seed)
+    b = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
+    mask = np.zeros((size, size), dtype=bool)
+    mask[8:30, 12:40] = True
+    return a, b, mask
+
+
+def _masked(a, b, mask):
+    keep = (1 - mask.astype(np.float64))[:, :, None]
+    return a / 255.0 * keep, b / 255.0 * keep
+
+
+def _ssim_numpy(x, y):
+    """SSIM as torchmetrics computes it (independently): 11-tap Gaussian (sigma 1.5) over reflect-padded images,
+    the SSIM map averaged over every pixel and channel, C1 = 0.01², C2 = 0.03² for data range 1."""
+    from scipy.ndimage import gaussian_filter
+
+    def blur(z):
+        return np.stack([gaussian_filter(z[..., c], sigma=1.5, truncate=3.5, mode="mirror") for c in range(3)], -1)
+
+    mx, my = blur(x), blur(y)
+    vx = np.maximum(blur(x * x) - mx**2, 0)
+    vy = np.maximum(blur(y * y) - my**2, 0)
+    cxy = blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    return float(np.mean((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_background_metrics_exact(seed):
+    a, b, mask = _images(seed=seed)
+    x, y = _masked(a, b, mask)
+    mse = np.mean((x - y) ** 2)
+    assert M.background_mse(a, b, mask) == pytest.approx(mse, rel=1e-5)
+    assert M.background_psnr(a, b, mask) == pytest.approx(10 * np.log10(1 / mse), rel=1e-5)
+    assert M.background_ssim(a, b, mask) == pytest.approx(_ssim_numpy(x, y), abs=2e-5)
+    # The edited region does not count: changing it leaves every background metric unchanged.
+    c = b.copy()
+    c[mask] = 255 - c[mask]
+    for fn in (M.background_mse, M.background_psnr, M.background_ssim):
+        assert fn(a, c, mask) == fn(a, b, mask)
+    # A mask covering everything: "nan", as the official script.
+    full = np.ones_like(mask)
+    assert all(math.isnan(fn(a, b, full)) for fn in (M.background_mse, M.background_psnr, M.background_ssim))
+
+
+def test_squeeze_lpips_matches_torchmetrics(monkeypatch):
+    """Our SqueezeNet LPIPS equals torchmetrics' own LPIPS network given the same backbone (random) and
+    the shipped linear heads; torchvision is replaced by our torchvision-compatible feature extractor."""
+    import torchmetrics.functional.image.lpips as tl
+
+    torch.manual_seed(0)
+    net = M.SqueezeLPIPS()
+    for p in net.features.parameters():
+        p.data.normal_(0, 0.1)
+    heads = torch.load(M.lpips_heads_path(), map_location="cpu", weights_only=True)
+    net.load_heads(heads)
+    monkeypatch.setattr(tl, "_get_tv_model_features", lambda name, pretrained=False: net.features)
+    reference = tl._LPIPS(pretrained=True, net="squeeze")
+    a, b = torch.rand(2, 3, 40, 40) * 2 - 1, torch.rand(2, 3, 40, 40) * 2 - 1
+    with torch.no_grad():
+        ours, theirs = net(a, b), reference(a, b).reshape(-1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    assert (ours > 0).all() and torch.equal(net(a, a), torch.zeros(2))
+    assert net.lin3.model[1].weight.equal(heads["lin3.model.1.weight"])
+
+
+def test_squeezenet_keys_match_torchvision():
+    keys = set(M.squeezenet1_1_features().state_dict())
+    expected = {"0.weight", "0.bias"} | {
+        f"{i}.{conv}.{p}"
+        for i in (3, 4, 6, 7, 9, 10, 11, 12)
+        for conv in ("squeeze", "expand1x1", "expand3x3")
+        for p in ("weight", "bias")
+    }
+    assert keys == expected
+    assert sum(v.numel() for v in M.squeezenet1_1_features().state_dict().values()) == 1235496 - 513000  # - classifier
+
+
+def test_load_lpips_from_torch_hub_cache(tmp_path, monkeypatch):
+    """The loading path a user takes: torchvision's squeezenet1_1 file in torch's hub cache + the torchmetrics heads."""
+    torch.manual_seed(1)
+    features = M.squeezenet1_1_features().state_dict()
+    state = {f"features.{k}": v for k, v in features.items()}
+    state |= {"classifier.1.weight": torch.zeros(1000, 512, 1, 1), "classifier.1.bias": torch.zeros(1000)}
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(state, tmp_path / "checkpoints" / M.SQUEEZENET_URL.rsplit("/", 1)[1])
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    net = M.load_lpips("cpu")
+    assert isinstance(net, M.SqueezeLPIPS)
+    assert net.features[12].expand3x3.weight.equal(features["12.expand3x3.weight"])
+    a, b, mask = _images()
+    value = M.background_lpips(a, b, mask, net)
+    assert 0 < value < 10 and M.background_lpips(a, a, mask, net) == 0.0
+    assert math.isnan(M.background_lpips(a, b, np.ones_like(mask), net))
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, patch_size=16)
+    return ViTModel(config, add_pooling_layer=False).eval()
+
+
+def test_structure_distance_keys_self_similarity():
+    vit = tiny_vit()
+    dino = M.DinoStructure(vit)
+    a, b, _ = _images(size=64)
+    sim = dino.self_similarity(a)
+    assert sim.shape == (1 + (224 // 16) ** 2,) * 2
+    torch.testing.assert_close(torch.diagonal(sim), torch.ones(sim.shape[0]))
+    # Independently: the last block's keys from its input hidden state, with the official preprocessing
+    # (0-255 floats resized to 224 then ImageNet-normalised).
+    x = torch.from_numpy(a.astype(np.float32)).permute(2, 0, 1)[None]
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+    x = (x - torch.tensor(M.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(M.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        hidden = vit(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+        layer = M._last_key_projection(vit)
+        block = vit.layers[-1] if hasattr(vit, "layers") else vit.encoder.layer[-1]
+        keys = layer(block.layernorm_before(hidden))[0]
+    ref = torch.nn.functional.cosine_similarity(keys[:, None], keys[None], dim=-1, eps=1e-8)
+    torch.testing.assert_close(sim, ref, rtol=1e-4, atol=1e-5)
+    d = M.structure_distance(a, b, vit)
+    assert d > 0 and d == pytest.approx(M.structure_distance(b, a, dino), rel=1e-6)
+    assert M.structure_distance(a, a, dino) == 0.0
+
+
+def test_resize_shape_as_torchvision():
+    assert M._resize_shape(512, 512) == (224, 224)
+    assert M._resize_shape(300, 451) == (224, 336)
+    assert M._resize_shape(1200, 400) == (480, 160)
+
+
+def tiny_clip():
+    import sys
+    from pathlib import Path
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import tiny_clip_tokenizer
+
+    tok = tiny_clip_tokenizer()
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, patch_size=8)
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={**text, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={**vision, "image_size": 32},
+        projection_dim=16,
+    )
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok,
+    )
+    return CLIPModel(config).eval(), processor
+
+
+def test_clip_scores():
+    model, processor = tiny_clip()
+    clip = M.ClipScorer(model, processor)
+    a, _, mask = _images(size=48)
+    whole = M.clip_whole(a, "a woman in a space suit", clip)
+    # Independently: projected, normalised embeddings, 100 * max(cos, 0).
+    inputs = processor(text=["a woman in a space suit"], images=[Image.fromarray(a)], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inputs)
+    cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).item()
+    assert whole == pytest.approx(100 * max(cos, 0.0), rel=1e-5, abs=1e-5)
+    assert 0 <= whole <= 100
+    edited = M.clip_edited(a, mask, "a woman in a space suit", clip)
+    assert edited == pytest.approx(clip(np.where(mask[:, :, None], a, 0).astype(np.uint8), "a woman in a space suit"))
+    assert M.clip_edited(a, np.ones_like(mask), "x", clip) == pytest.approx(M.clip_whole(a, "x", clip))
+    # Prompts longer than CLIP's context are truncated, not an error.
+    assert 0 <= clip(a, "word " * 200) <= 100
+
+
+def test_suite_runs_every_metric_and_errors(monkeypatch):
+    suite = M.MetricSuite(device="cpu", dino=tiny_vit(), clip=tiny_clip(), lpips=M.SqueezeLPIPS())
+    a, b, mask = _images(size=48)
+    values = suite(a, b, mask, "a robot in a space suit")
+    assert list(values) == list(M.METRICS) and all(np.isfinite(v) for v in values.values())
+    full = suite(a, b, np.ones_like(mask), "a robot")
+    assert [k for k, v in full.items() if math.isnan(v)] == list(M.BACKGROUND_METRICS)
+
+    assert M.MetricSuite("psnr,mse", device="cpu")(a, b, mask, "x").keys() == {"psnr", "mse"}
+    assert M.parse_metrics("ssim,psnr,ssim") == ("psnr", "ssim")
+    with pytest.raises(ValueError, match="unknown metric"):
+        M.parse_metrics("psnr,fid")
+    # Offline with no cached weights: a clear error naming the option that leaves the metric out.
+    with pytest.raises(M.MetricWeightsError, match=r"structure_distance.*--metrics psnr,ssim"):
+        M.MetricSuite("structure_distance,psnr,ssim", device="cpu")
+    monkeypatch.setattr(M, "SQUEEZENET_URL", "file:///nonexistent/squeezenet1_1-00000000.pth")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: "/nonexistent-hub-dir")
+    with pytest.raises(M.MetricWeightsError, match=r"metric lpips.*--metrics psnr"):
+        M.MetricSuite("psnr,lpips", device="cpu")
+    with pytest.raises(ValueError, match="differ in size"):
+        M.background_psnr(a, b[:10], mask)
