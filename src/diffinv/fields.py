@@ -1,4 +1,4 @@
-"""The one place that knows prediction types and the four forms of the probability-flow ODE.
+"""The one place that knows prediction types and the forms of the probability-flow ODE.
 
 A model enters as a callable ``eps(x, t) -> Tensor`` (classifier-free guidance already folded in),
 ``t`` a tensor of float model timesteps. :func:`as_eps_model` adapts v- and x0-prediction models.
@@ -15,13 +15,15 @@ name            time ``s``        state ``Y``     ``dY/ds``
 ``lambda-eps``  ``lambda``        ``x / alpha``   ``-(sigma / alpha) eps``
 ``lambda-x``    ``lambda``        ``x / sigma``   ``(alpha / sigma) x0``  (the paper's default)
 ``sigma``       ``sigma / alpha`` ``x / alpha``   ``eps``
+``gamma``       ``alpha / sigma`` ``x / sigma``   ``x0``  (Rex's "data" mode)
 ==============  ================  ==============  ===================================
 
-All four are the same ODE; an RK method gives different numbers in each. Euler in ``sigma`` is DDIM.
+All are the same ODE; an RK method gives different numbers in each. Euler in ``sigma`` is DDIM.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -99,6 +101,8 @@ class ODEForm:
             return float(t)
         if self.name == "sigma":
             return float(schedule.chi(t))
+        if self.name == "gamma":
+            return math.exp(float(schedule.lam(t)))
         return float(schedule.lam(t))
 
     def t_of_s(self, schedule: NoiseSchedule, s: float) -> float:
@@ -107,13 +111,15 @@ class ODEForm:
             return float(s)
         if self.name == "sigma":
             return float(schedule.timestep_of_chi(s))
+        if self.name == "gamma":
+            return float(schedule.timestep_of_lam(math.log(s)))
         return float(schedule.timestep_of_lam(s))
 
     def weight(self, schedule: NoiseSchedule, t: float) -> float:
         """``w(t)`` in ``Y = x / w(t)``."""
         if self.name == "t":
             return 1.0
-        if self.name == "lambda-x":
+        if self.name in ("lambda-x", "gamma"):
             return float(schedule.sigma(t))
         return float(schedule.alpha(t))
 
@@ -126,6 +132,8 @@ class ODEForm:
             return g * y - (g / sigma) * eps
         if self.name == "lambda-x":
             return y - field.eps(sigma * y, t)  # (alpha / sigma) x0 with x = sigma y
+        if self.name == "gamma":
+            return (sigma / alpha) * (y - field.eps(sigma * y, t))  # x0 with x = sigma y
         eps = field.eps(alpha * y, t)
         return eps if self.name == "sigma" else -(sigma / alpha) * eps
 
@@ -137,6 +145,7 @@ FORMS: dict[str, ODEForm] = {
         ODEForm("lambda-eps", "half-log-SNR time, eps form: d(x/alpha)/dlam = -(sigma/alpha) eps"),
         ODEForm("lambda-x", "half-log-SNR time, data form: d(x/sigma)/dlam = (alpha/sigma) x0"),
         ODEForm("sigma", "sigma/alpha time, state x/alpha: d(x/alpha)/dchi = eps"),
+        ODEForm("gamma", "alpha/sigma time, state x/sigma: d(x/sigma)/dgamma = x0"),
     )
 }
 

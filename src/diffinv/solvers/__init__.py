@@ -8,10 +8,28 @@ from typing import Any
 
 from ..tableaux import EES25, EES27, EULER, HEUN, MIDPOINT, RALSTON, RK4, Tableau, ees25, ees27
 from .base import Grid, Solver, State
-from .exponential import DDIM
+from .coupled import BDIA, BELM, EDICT
+from .exponential import DDIM, DPMSolverPP2M
+from .reversible import McCallumFoster, ReversibleHeun, Rex
 from .rk import ExplicitRK
 
-__all__ = ["DDIM", "SOLVERS", "ExplicitRK", "Grid", "Solver", "State", "get_solver", "list_solvers"]
+__all__ = [
+    "BDIA",
+    "BELM",
+    "DDIM",
+    "EDICT",
+    "SOLVERS",
+    "DPMSolverPP2M",
+    "ExplicitRK",
+    "Grid",
+    "McCallumFoster",
+    "ReversibleHeun",
+    "Rex",
+    "Solver",
+    "State",
+    "get_solver",
+    "list_solvers",
+]
 
 
 def _rk(name: str, tableau: Tableau) -> Callable[..., Solver]:
@@ -45,6 +63,13 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "rk4": _rk("rk4", RK4),
     "ees25": _ees25,
     "ees27": _ees27,
+    "dpmpp_2m": DPMSolverPP2M,
+    "edict": EDICT,
+    "bdia": BDIA,
+    "belm": BELM,
+    "reversible_heun": ReversibleHeun,
+    "mf": McCallumFoster,
+    "rex": Rex,
 }
 
 
