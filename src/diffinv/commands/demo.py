@@ -71,14 +71,9 @@ def run(args: argparse.Namespace) -> int:
         reference_steps=args.reference_steps,
     )
     config.check()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny float64 tensors: one thread is fastest and leaves the cores to others
     start = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            result = run_demo(config, progress=not args.no_progress)
-    finally:
-        torch.set_num_threads(threads)
+    with torch.inference_mode():
+        result = run_demo(config, progress=not args.no_progress)
     wall = time.perf_counter() - start
     print(format_table(result.rows))
     paths = write_outputs(result, args.out)
