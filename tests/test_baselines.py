@@ -439,6 +439,32 @@ def test_dpmpp_2m_lower_order_final_below_15_steps(mixture):
         assert torch.equal(last.x, plain.x) == first_order
 
 
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpmpp_2m_matches_diffusers(steps):
+    """Parity with diffusers' DPMSolverMultistepScheduler (its sigmas are float32, hence 1e-4)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    ds = DPMSolverMultistepScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="linspace",
+        final_sigmas_type="sigma_min",  # ends at timestep 0 like our grids
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+    )
+    sched = diffinv.NoiseSchedule.from_scheduler(ds)
+    ds.set_timesteps(steps)
+    x = _rand(7)
+    ref = x.clone()
+    for t in ds.timesteps:
+        ref = ds.step(toy_eps(ref, t), t, ref).prev_sample
+    grid = [*map(float, ds.timesteps.tolist()), 0.0]
+    out = diffinv.generate(toy_eps, x, sched, solver="dpmpp_2m", timesteps=grid)
+    assert (out - ref).abs().max() < 1e-4
+    assert (diffinv.generate(toy_eps, x, sched, solver="ddim", timesteps=grid) - ref).abs().max() > 1e-2
+
+
 # -- order of convergence ------------------------------------------------------------------------
 
 
