@@ -109,3 +109,72 @@ def tiny_sd_pipe(seed: int = 0):
 def float64_copy(module):
     """A float64 deep copy of a torch module (exactness tests run the UNet in float64)."""
     return copy.deepcopy(module).double()
+
+
+def tiny_sdxl_pipe(seed: int = 0):
+    """A tiny StableDiffusionXLPipeline (64x64 images, 8x8 latents, two text encoders) with random weights."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    sd = tiny_sd_pipe(seed)  # reuse its VAE and tokenizer
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + pooled text (projection_dim)
+        cross_attention_dim=64,  # hidden sizes of the two text encoders, concatenated
+    ).eval()
+    config = {
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 3,
+        "vocab_size": len(sd.tokenizer),
+        "max_position_embeddings": 77,
+        "projection_dim": 32,
+        "hidden_act": "gelu",
+    }
+    torch.manual_seed(seed + 3)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config))
+    torch.manual_seed(seed + 4)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    sched = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=sd.vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=sd.tokenizer,
+        tokenizer_2=tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=sched,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def damp_unet(unet, time_scale: float = 1e-3, out_scale: float = 0.1):
+    """Make a random UNet smooth enough for convergence tests (in place; returns it).
+
+    The sinusoidal timestep embedding turns about once per timestep, so a random UNet oscillates
+    in ``t`` far faster than any solver grid resolves; ``time_scale`` slows it down, and
+    ``out_scale`` shrinks the output (and with it the Lipschitz constant of the field).
+    """
+    unet.time_proj.scale = time_scale
+    unet.conv_out.weight.data.mul_(out_scale)
+    unet.conv_out.bias.data.mul_(out_scale)
+    return unet

@@ -1,0 +1,562 @@
+"""Real-image editing with Stable Diffusion 1.x/2.x and SDXL: thin glue between diffusers and the solvers.
+
+The :class:`Editor` takes a diffusers pipeline's parts (VAE, text encoder(s), tokenizer(s), UNet,
+scheduler config) and builds the guided noise model ``eps(x, t)`` that :func:`diffinv.invert` and
+:func:`diffinv.generate` integrate. Everything numerical (grids, solvers, inversion) is diffinv's.
+
+* Invert once, edit many: :meth:`Editor.edit` replicates the inverted state across the target
+  prompts and runs one batched pass per model call (classifier-free guidance batched as well:
+  one UNet call of batch ``2 * images * targets``). No trajectory is stored unless proximal
+  guidance needs it, so memory does not grow with the number of steps.
+* Mixed precision: the UNet and VAE run in the pipeline's dtype (fp16/bf16 on GPUs) while the
+  solver state stays in ``solver_dtype`` (float32 by default, float64 on request).
+* Guidance (reference/solvers.md §2): ``eps = eps(uncond) + w (eps(cond) - eps(uncond))`` with the
+  null/negative prompt as ``uncond``; inversion uses ``inversion_guidance`` (default: the same ``w``,
+  so that an exactly reversible solver reconstructs exactly), editing uses ``guidance``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .fields import EpsModel, as_eps_model
+from .images import RESIZE_MODES, ImageLike, load_image, pil_to_tensor, tensor_to_pil
+from .schedules import NoiseSchedule, make_grid
+from .smoothing import SMOOTH_LORA_ID, ProximalGuidance, load_lora, parse_smoothing
+from .solve import Inversion, generate, invert
+from .solvers import Solver, State, get_solver
+
+__all__ = ["DEFAULT_MODEL", "Conditioning", "EditInversion", "Editor"]
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# Guidance defaults (README "Defaults"): 3 for inversion-based editing with (near-)reversible solvers,
+# as the EDICT/BDIA/BELM/Rex scripts use 2-3; 7.5 when NPI is on, as NPI/ProxNPI and PIE-Bench's P2P rows do.
+DEFAULT_GUIDANCE = 3.0
+DEFAULT_NPI_GUIDANCE = 7.5
+OUTPUT_TYPES = ("pil", "latent")
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a batch: cross-attention states and, for SDXL, pooled embeddings and time ids."""
+
+    hidden: Tensor  # (B, L, D)
+    pooled: Tensor | None = None  # (B, P), SDXL
+    time_ids: Tensor | None = None  # (B, 6), SDXL micro-conditioning
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def index(self, rows: Sequence[int] | Tensor) -> Conditioning:
+        """The rows ``rows`` (with repetition) as a new batch."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.hidden.device)
+        pick = [None if v is None else v.index_select(0, idx.to(v.device)) for v in (self.pooled, self.time_ids)]
+        return Conditioning(self.hidden.index_select(0, idx), *pick)
+
+    @staticmethod
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
+        """Concatenate batches along the batch dimension."""
+
+        def join(name: str) -> Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return Conditioning(join("hidden"), join("pooled"), join("time_ids"))
+
+
+@dataclass
+class EditInversion(Inversion):
+    """An :class:`Inversion` of images plus what editing and reconstruction need.
+
+    ``cond``/``uncond``: the source prompts' and the null/negative conditioning used to invert
+    (``uncond`` is ``None`` under NPI, which inverts with the source prompt alone); ``guidance``:
+    the inversion guidance; ``source``: the clean latent; ``trajectory``: the inversion states by
+    grid index, kept only for proximal guidance.
+    """
+
+    prompts: list[str] = field(default_factory=list)
+    cond: Conditioning | None = None
+    uncond: Conditioning | None = None
+    guidance: float = 1.0
+    source: Tensor | None = None
+    images: list[Image.Image] = field(default_factory=list)
+    trajectory: dict[int, dict[str, Tensor]] | None = None
+
+
+class _GuidedEps:
+    """``eps(x, t)`` with classifier-free guidance in one UNet call on ``[uncond; cond]``.
+
+    With proximal guidance the CFG difference is thresholded and the edit mask of the first model
+    call of each step is kept for the step's inversion-guidance blend.
+    """
+
+    def __init__(
+        self,
+        editor: Editor,
+        cond: Conditioning,
+        uncond: Conditioning | None,
+        guidance: float,
+        proximal: ProximalGuidance | None = None,
+    ):
+        self.editor, self.cond, self.guidance, self.proximal = editor, cond, float(guidance), proximal
+        # w = 1 without proximal guidance is the conditional model: skip the unconditional half.
+        plain = uncond is None or (self.guidance == 1.0 and proximal is None)
+        self.both = None if plain else Conditioning.cat([uncond, cond])
+        self.mask: Tensor | None = None
+        self.mask_t: float | None = None
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        if self.both is None:
+            return self.editor.unet_eps(x, t, self.cond)
+        eps_u, eps_c = self.editor.unet_eps(torch.cat([x, x]), t, self.both).chunk(2)
+        if self.proximal is None:
+            return eps_u + self.guidance * (eps_c - eps_u)
+        eps, mask = self.proximal.guide(eps_u, eps_c, self.guidance)
+        if self.mask is None:
+            self.mask, self.mask_t = mask, float(t)
+        return eps
+
+
+def _check_number(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
+        bounds = (
+            f" in [{low:g}, {high:g}]"
+            if low is not None and high is not None
+            else f" >= {low:g}"
+            if low is not None
+            else ""
+        )
+        raise ValueError(f"{name} must be a finite number{bounds}, got {value!r}")
+    return v
+
+
+def _prompts(prompts: str | Sequence[str], what: str) -> list[str]:
+    items = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not items:
+        raise ValueError(f"{what}: give at least one prompt")
+    for p in items:
+        if not isinstance(p, str):
+            raise ValueError(f"{what} must be strings, got {type(p).__name__}")
+    return items
+
+
+class Editor:
+    """Invert real images and edit them with text, with any diffinv solver, on SD 1.x/2.x or SDXL.
+
+    ``pipe``: a loaded ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (or any object with
+    ``vae``, ``unet``, ``scheduler``, ``text_encoder``, ``tokenizer`` and ``encode_prompt``).
+    ``solver``/``solver_options``/``steps``/``spacing``: the solver and grid; ``strength`` in (0, 1]
+    starts the inversion at timestep ``strength * T`` with ``round(steps * strength)`` steps (partial
+    inversion, as diffusers' img2img). ``guidance``: editing CFG scale (default 3, or 7.5 with NPI);
+    ``inversion_guidance``: CFG scale while inverting (default: ``guidance``; ignored by NPI);
+    ``negative_prompt``: the unconditional prompt (``""``). ``smoothing``: any of ``"npi"``,
+    ``"proximal"``, ``"smooth-lora"``; ``proximal``: :class:`ProximalGuidance` options;
+    ``lora``/``lora_scale``: the Smooth-Diffusion LoRA source and strength (merged into the UNet).
+    ``dtype``/``device``: move the pipeline; ``solver_dtype``: the solver state's dtype.
+    ``size``: ``(height, width)`` of the model input (default: the model's native size) and ``resize``
+    how images are fitted to it (:mod:`diffinv.images`). ``progress``: tqdm bars per phase.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        solver: str | Solver = "ees27",
+        steps: int = 50,
+        spacing: str = "lambda",
+        guidance: float | None = None,
+        inversion_guidance: float | None = None,
+        negative_prompt: str = "",
+        smoothing: str | Sequence[str] | None = (),
+        proximal: ProximalGuidance | dict[str, Any] | None = None,
+        lora: str | Path | dict[str, Tensor] | None = None,
+        lora_scale: float = 1.0,
+        strength: float = 1.0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        solver_dtype: torch.dtype = torch.float32,
+        size: tuple[int, int] | None = None,
+        resize: str = "crop",
+        progress: bool = True,
+        solver_options: dict[str, Any] | None = None,
+    ):
+        for part in ("vae", "unet", "scheduler", "encode_prompt"):
+            if getattr(pipe, part, None) is None:
+                raise ValueError(f"pipe must be a diffusers Stable Diffusion pipeline; it has no {part}")
+        self.pipe = pipe
+        if device is not None or dtype is not None:
+            pipe.to(device=device, dtype=dtype)
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.is_xl = getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+        if self.is_xl and getattr(pipe, "text_encoder_2", None) is None:
+            raise ValueError("SDXL pipelines without text_encoder_2 (e.g. the refiner) are not supported")
+        if self.is_xl and self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+            self.vae.to(torch.float32)  # the SDXL VAE overflows in fp16, as diffusers also upcasts it
+        if solver_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"solver_dtype must be torch.float32 or torch.float64, got {solver_dtype}")
+        self.solver_dtype = solver_dtype
+        self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+        self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+        self.solver = get_solver(solver, **(solver_options or {}))
+
+        self.smoothing = parse_smoothing(smoothing)
+        if lora is not None and "smooth-lora" not in self.smoothing:
+            self.smoothing = parse_smoothing([*self.smoothing, "smooth-lora"])
+        self.npi = "npi" in self.smoothing
+        if isinstance(proximal, dict):
+            proximal = ProximalGuidance(**proximal)
+        if proximal is not None and not isinstance(proximal, ProximalGuidance):
+            raise ValueError(f"proximal must be a ProximalGuidance or a dict of its options, got {proximal!r}")
+        self.proximal = (proximal or ProximalGuidance()) if "proximal" in self.smoothing else None
+
+        default_w = DEFAULT_NPI_GUIDANCE if self.npi else DEFAULT_GUIDANCE
+        self.guidance = _check_number("guidance", default_w if guidance is None else guidance, 0.0)
+        self.inversion_guidance = _check_number(
+            "inversion_guidance", self.guidance if inversion_guidance is None else inversion_guidance, 0.0
+        )
+        if not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        self.negative_prompt = negative_prompt
+        self.strength = _check_number("strength", strength, 0.0, 1.0)
+        if self.strength == 0.0:
+            raise ValueError("strength must be in (0, 1], got 0")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        self.steps, self.spacing = steps, spacing
+        start = None if self.strength == 1.0 else self.strength * self.schedule.T
+        self.timesteps = make_grid(self.schedule, max(1, round(steps * self.strength)), spacing, start)
+
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        multiple = self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        native = int(self.unet.config.sample_size) * self.vae_scale
+        self.size = (native, native) if size is None else (int(size[0]), int(size[1]))
+        if min(self.size) < 1 or self.size[0] % multiple or self.size[1] % multiple:
+            raise ValueError(f"size must be positive multiples of {multiple} (height, width), got {size!r}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {resize!r}; choose one of {', '.join(RESIZE_MODES)}")
+        self.resize, self.progress = resize, progress
+
+        self.lora_layers: list[str] = []
+        self.lora_scale = _check_number("lora_scale", lora_scale)
+        if "smooth-lora" in self.smoothing:
+            self.lora_layers = load_lora(self.unet, SMOOTH_LORA_ID if lora is None else lora, self.lora_scale)
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path = DEFAULT_MODEL,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        variant: str | None = None,
+        **editor_options: Any,
+    ) -> Editor:
+        """Load an SD 1.x/2.x or SDXL pipeline (hub id or local folder) and wrap it.
+
+        The pipeline class comes from ``model_index.json``'s ``_class_name``. Defaults: ``device`` CUDA
+        when available, else CPU; ``dtype`` float16 on CUDA, float32 elsewhere.
+        """
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype is None:
+            dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        pipe_cls = _pipeline_class(model)
+        kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        if variant is not None:
+            kwargs["variant"] = variant
+        if pipe_cls.__name__ == "StableDiffusionPipeline":
+            kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = pipe_cls.from_pretrained(str(model), **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, device=device, **editor_options)
+
+    # -- the model -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def unet_eps(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """The UNet's noise prediction for batch ``x`` (solver dtype) under ``cond``, in ``x``'s dtype."""
+        unet = self.unet
+        t_in = t.to(self.device, torch.float64 if unet.dtype == torch.float64 else torch.float32)
+        added = None
+        if self.is_xl:
+            added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        out = unet(
+            x.to(unet.dtype), t_in, encoder_hidden_states=cond.hidden, added_cond_kwargs=added, return_dict=False
+        )[0].to(x.dtype)
+        if self.prediction_type == "epsilon":
+            return out
+        return as_eps_model(lambda *_: out, self.schedule, self.prediction_type)(x, t)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Text conditioning of ``prompts`` at the editor's image size (SDXL: ``""`` -> zeros if configured)."""
+        prompts = list(prompts)
+        device, dtype = self.device, self.unet.dtype
+        if not self.is_xl:
+            hidden, _ = self.pipe.encode_prompt(prompts, device, 1, False)
+            return Conditioning(hidden.to(dtype))
+        hidden, _, pooled, _ = self.pipe.encode_prompt(
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        if getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
+            empty = torch.tensor([p == "" for p in prompts], device=device)
+            hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
+            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        h, w = self.size
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=dtype).expand(len(prompts), 6)
+        return Conditioning(hidden.to(dtype), pooled.to(dtype), time_ids)
+
+    def eps_model(self, prompts: str | Sequence[str], guidance: float | None = None) -> EpsModel:
+        """The guided ``eps(x, t)`` for ``prompts`` with the negative prompt as unconditional branch.
+
+        For text-to-image sampling with any solver: ``diffinv.generate(editor.eps_model(p), noise,
+        editor.schedule, solver=...)``, best inside ``torch.inference_mode()``.
+        """
+        items = _prompts(prompts, "prompts")
+        cond = self.encode_prompts(items)
+        uncond = self.encode_prompts([self.negative_prompt]).index([0] * len(items))
+        w = self.guidance if guidance is None else _check_number("guidance", guidance, 0.0)
+        return _GuidedEps(self, cond, uncond, w)
+
+    # -- images <-> latents ----------------------------------------------------------------------
+    def _latent_norm(self) -> tuple[float, Tensor | None, Tensor | None]:
+        cfg = self.vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        to = {"device": self.device, "dtype": self.solver_dtype}
+        mean = None if mean is None else torch.tensor(mean, **to).view(1, -1, 1, 1)
+        std = None if std is None else torch.tensor(std, **to).view(1, -1, 1, 1)
+        return float(cfg.scaling_factor), mean, std
+
+    def encode_images(self, images: Sequence[Image.Image], generator: torch.Generator | None = None) -> Tensor:
+        """Clean latents (solver dtype) of RGB images: the VAE posterior mean, or a sample with ``generator``."""
+        with torch.inference_mode():
+            x = pil_to_tensor(images).to(self.device, self.vae.dtype)
+            dist = self.vae.encode(x).latent_dist
+            lat = (dist.mean if generator is None else dist.sample(generator)).to(self.solver_dtype)
+            scale, mean, std = self._latent_norm()
+            if mean is not None and std is not None:
+                return (lat - mean) * scale / std
+            return lat * scale
+
+    def decode_latents(self, latents: Tensor) -> list[Image.Image]:
+        """RGB images of clean latents (decoded one at a time to bound memory)."""
+        with torch.inference_mode():
+            scale, mean, std = self._latent_norm()
+            lat = latents.to(self.device, self.solver_dtype)
+            lat = lat * std / scale + mean if mean is not None and std is not None else lat / scale
+            out = []
+            for row in lat.split(1):
+                out.extend(tensor_to_pil(self.vae.decode(row.to(self.vae.dtype), return_dict=False)[0]))
+            return out
+
+    def load_images(self, images: ImageLike | Sequence[ImageLike]) -> list[Image.Image]:
+        """Images (path, PIL, array, or a list of them) as RGB at the editor's size."""
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise ValueError("give at least one image")
+        return [load_image(im, self.size, self.resize) for im in items]
+
+    # -- invert / edit / reconstruct -------------------------------------------------------------
+    def invert(
+        self,
+        image: ImageLike | Sequence[ImageLike],
+        prompt: str | Sequence[str],
+        generator: torch.Generator | None = None,
+    ) -> EditInversion:
+        """Invert image(s) described by ``prompt`` (one per image, or one for all) to noise.
+
+        ``generator``: sample the VAE posterior with it (default: its mean, fully deterministic).
+        """
+        pil = self.load_images(image)
+        latent = self.encode_images(pil, generator)
+        inv = self.invert_latent(latent, _expand(_prompts(prompt, "prompt"), len(pil), "prompts"))
+        inv.images = pil
+        return inv
+
+    def invert_latent(self, latent: Tensor, prompt: str | Sequence[str]) -> EditInversion:
+        """Invert clean latents ``(N, C, h, w)`` (VAE space, scaled) with their source prompts."""
+        with torch.inference_mode():
+            if not isinstance(latent, Tensor) or latent.dim() != 4:
+                raise ValueError(f"latent must be a (N, C, h, w) tensor, got {getattr(latent, 'shape', latent)!r}")
+            latent = latent.to(self.device, self.solver_dtype)
+            prompts = _expand(_prompts(prompt, "prompt"), latent.shape[0], "prompts")
+            cond = self.encode_prompts(prompts)
+            if self.npi:  # NPI: the conditional source prompt alone, no CFG
+                uncond, w = None, 1.0
+            else:
+                uncond, w = (
+                    self.encode_prompts([self.negative_prompt]).index([0] * len(prompts)),
+                    self.inversion_guidance,
+                )
+            model = _GuidedEps(self, cond, uncond, w)
+            trajectory: dict[int, dict[str, Tensor]] | None = None
+            callback = None
+            if self.proximal is not None:  # inversion guidance needs x* at every grid index
+                trajectory = {len(self.timesteps) - 1: {"x": latent.clone()}}
+
+                def callback(k: int, t: float, state: State) -> None:
+                    trajectory[k] = {n: v.clone() for n, v in state.tensors().items()}
+
+            inv = invert(
+                model,
+                latent,
+                self.schedule,
+                solver=self.solver,
+                timesteps=self.timesteps,
+                callback=callback,
+                progress="invert" if self.progress else False,
+            )
+            return EditInversion(
+                inv.state,
+                inv.grid,
+                inv.solver,
+                inv.dtype,
+                inv.nfe,
+                prompts=prompts,
+                cond=cond,
+                uncond=uncond,
+                guidance=w,
+                source=latent,
+                trajectory=trajectory,
+            )
+
+    def edit(
+        self,
+        inv: EditInversion,
+        targets: str | Sequence[str],
+        guidance: float | None = None,
+        output_type: str = "pil",
+    ) -> list[Image.Image] | Tensor:
+        """Generate every inverted image under every target prompt, in one batched pass.
+
+        Returns ``images * targets`` results, image-major (image 0 with each target, then image 1, ...).
+        """
+        with torch.inference_mode():
+            _check_inversion(inv)
+            items = _prompts(targets, "targets")
+            n, k = len(inv.cond), len(items)
+            rows = [i for i in range(n) for _ in range(k)]
+            cond = self.encode_prompts(items).index([j for _ in range(n) for j in range(k)])
+            if self.npi:  # NPI: the source prompt replaces the null prompt
+                uncond = inv.cond.index(rows)
+            else:
+                uncond = self.encode_prompts([self.negative_prompt]).index([0] * (n * k))
+            w = self.guidance if guidance is None else _check_number("guidance", guidance, 0.0)
+            model = _GuidedEps(self, cond, uncond, w, self.proximal)
+            callback = None if self.proximal is None else self._inversion_guidance(model, inv, rows)
+            x = generate(
+                model,
+                _replicate(inv, rows),
+                callback=callback,
+                progress="edit" if self.progress else False,
+            )
+            return self._output(x, output_type)
+
+    def reconstruct(self, inv: EditInversion, output_type: str = "pil") -> list[Image.Image] | Tensor:
+        """Generate back with the inversion's own field (source prompt, inversion guidance): the round trip."""
+        with torch.inference_mode():
+            _check_inversion(inv)
+            model = _GuidedEps(self, inv.cond, inv.uncond, inv.guidance)
+            x = generate(model, inv, progress="reconstruct" if self.progress else False)
+            return self._output(x, output_type)
+
+    def _inversion_guidance(self, model: _GuidedEps, inv: EditInversion, rows: list[int]):
+        """Step callback of proximal guidance: outside the edit mask, pull the state to the inversion's."""
+        prox, trajectory = self.proximal, inv.trajectory
+        if prox is None or trajectory is None:
+            raise ValueError("proximal guidance needs an inversion made with proximal smoothing on")
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+
+        def callback(k: int, t: float, state: State) -> State | None:
+            mask, t_step = model.mask, model.mask_t
+            model.mask = model.mask_t = None
+            stored = trajectory.get(k)
+            if mask is None or t_step is None or stored is None or not prox.active(t_step):
+                return None
+            tensors = state.tensors()
+            new = {}
+            for name, star in stored.items():
+                value = tensors.get(name)
+                if value is not None and value.shape == mask.shape:
+                    new[name] = prox.blend(value, star.index_select(0, idx), mask)
+            return type(state)(**{**vars(state), **new})
+
+        return callback
+
+    def _output(self, x: Tensor, output_type: str) -> list[Image.Image] | Tensor:
+        if output_type == "latent":
+            return x
+        if output_type == "pil":
+            return self.decode_latents(x)
+        raise ValueError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
+
+    def __repr__(self) -> str:
+        kind = "SDXL" if self.is_xl else "SD"
+        smooth = ",".join(self.smoothing) or "none"
+        return (
+            f"Editor({kind}, solver={self.solver.describe()}, steps={len(self.timesteps) - 1}, "
+            f"guidance={self.guidance:g}, smoothing={smooth}, size={self.size})"
+        )
+
+
+def _expand(prompts: list[str], n: int, what: str) -> list[str]:
+    if len(prompts) == 1:
+        return prompts * n
+    if len(prompts) != n:
+        raise ValueError(f"{what}: give one prompt or one per image ({n}), got {len(prompts)}")
+    return prompts
+
+
+def _check_inversion(inv: Any) -> None:
+    if not isinstance(inv, EditInversion) or inv.cond is None:
+        raise ValueError(f"expected the result of Editor.invert, got {type(inv).__name__}")
+
+
+def _replicate(inv: EditInversion, rows: list[int]) -> Inversion:
+    """The inversion with every state tensor's batch rows picked by ``rows`` (one per edit)."""
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    tensors = {n: v.index_select(0, idx.to(v.device)) for n, v in inv.state.tensors().items()}
+    state = type(inv.state)(**{**vars(inv.state), **tensors})
+    return Inversion(state, inv.grid, inv.solver, inv.dtype, inv.nfe)
+
+
+def _pipeline_class(model: str | Path) -> type:
+    """``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` from the model's ``model_index.json``."""
+    import diffusers
+
+    path = Path(model)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ValueError(f"{path} is not a diffusers model folder (no model_index.json)")
+    elif path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:
+        raise ValueError(f"model folder not found: {model}")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            index = Path(hf_hub_download(str(model), "model_index.json"))
+        except Exception as err:
+            raise ValueError(f"cannot find model {model!r} locally or on the hub: {str(err).splitlines()[0]}") from None
+    try:
+        name = json.loads(index.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"cannot read {index}: {err}") from None
+    if "StableDiffusionXL" in name:
+        return diffusers.StableDiffusionXLPipeline
+    if name.startswith("StableDiffusion"):
+        return diffusers.StableDiffusionPipeline
+    raise ValueError(f"unsupported pipeline {name!r} in {model}; use a Stable Diffusion 1.x/2.x or SDXL model")
