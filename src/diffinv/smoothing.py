@@ -77,7 +77,8 @@ def proximal_delta(delta: Tensor, quantile: float, prox: str = "l0") -> tuple[Te
     if prox not in PROX_KINDS:
         raise ValueError(f"unknown proximal kind {prox!r}; choose one of {', '.join(PROX_KINDS)}")
     if quantile > 0:
-        tau = delta.abs().float().quantile(float(quantile)).to(delta.dtype)
+        mag = delta.abs() if delta.dtype in (torch.float32, torch.float64) else delta.abs().float()
+        tau = mag.quantile(float(quantile)).to(delta.dtype)
     else:
         tau = torch.as_tensor(-float(quantile), dtype=delta.dtype, device=delta.device)
     out = delta - torch.minimum(torch.maximum(delta, -tau), tau)
