@@ -1,0 +1,28 @@
+"""PIE-Bench harness: the data set, the runner over it, the paper's experiment presets and the report."""
+
+from __future__ import annotations
+
+from .piebench import EDIT_TYPES, PieBench, PieRecord, decode_mask, encode_mask, strip_markers, write_piebench
+from .presets import PRESETS, PROMPT_RULES, Preset, get_preset, prompt_pairs
+from .runner import COLUMNS, RunConfig, load_editor, read_records, run_bench, write_table
+
+__all__ = [
+    "COLUMNS",
+    "EDIT_TYPES",
+    "PRESETS",
+    "PROMPT_RULES",
+    "PieBench",
+    "PieRecord",
+    "Preset",
+    "RunConfig",
+    "decode_mask",
+    "encode_mask",
+    "get_preset",
+    "load_editor",
+    "prompt_pairs",
+    "read_records",
+    "run_bench",
+    "strip_markers",
+    "write_piebench",
+    "write_table",
+]
