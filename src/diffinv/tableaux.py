@@ -65,10 +65,23 @@ class Tableau:
         return tuple(math.fsum(row) for row in self.a)
 
 
+def _check_defined(name: str, x: float, factors: tuple[float, ...]) -> None:
+    """Raise if ``x`` sits on (or within round-off of) a pole of the family's coefficients."""
+    if not math.isfinite(x) or any(abs(f) < 1e-9 for f in factors):
+        raise ValueError(f"{name} is undefined at x = {x!r} (a coefficient has a pole there)")
+
+
+def _p_plus_q_s2(p: int, q: int, s2: float) -> float:
+    """``p + q * s2`` for integers p, q and ``s2 = +-sqrt2``, without cancellation when the terms nearly cancel."""
+    if (p >= 0) == (q * s2 >= 0):
+        return p + q * s2
+    return (p * p - 2 * q * q) / (p - q * s2)  # p^2 - 2 q^2 is exact
+
+
 def ees25(x: float = 0.1) -> Tableau:
     """EES(2,5;x): 3 stages, order 2, reversal defect O(h^6). Undefined at ``x = 1, +-1/2``."""
-    if x in (1.0, 0.5, -0.5):
-        raise ValueError(f"EES(2,5;x) is undefined at x = {x}")
+    x = float(x)
+    _check_defined("EES(2,5;x)", x, (x - 1, 1 - 2 * x, 1 + 2 * x))
     a21 = (1 + 2 * x) / (4 * (1 - x))
     a31 = (4 * x - 1) ** 2 / (4 * (x - 1) * (1 - 4 * x**2))
     a32 = (1 - x) / (1 - 4 * x**2)
@@ -76,29 +89,34 @@ def ees25(x: float = 0.1) -> Tableau:
 
 
 def ees27(x: float = (5 - 3 * SQRT2) / 14, plus: bool = True) -> Tableau:
-    """EES(2,7;x): 4 stages, order 2, reversal defect O(h^8) (kauri's ``EES27(x, plus)``)."""
+    """EES(2,7;x): 4 stages, order 2, reversal defect O(h^8) (kauri's ``EES27(x, plus)``).
+
+    kauri's formulas (reference/solvers.md §3.4) with their removable singularities cancelled
+    (``alpha``, ``beta``, ``a41`` and ``a43`` share factors between numerator and denominator), so the
+    family is defined everywhere except at its true poles: ``x = 1, 1/2, (1 - s2)/2, 1 - s2/2, -s2/2``
+    with ``s2 = +sqrt2`` (``plus``) or ``-sqrt2``.
+    """
+    x = float(x)
     s2 = SQRT2 if plus else -SQRT2
-    try:
-        alpha = (-2 * x + s2 + 1) * (2 * x + s2) / ((2 * x - 1) * (4 * x**2 - 4 * x - 1))
-        beta = (1 + s2 - 2 * x) * (2 + s2 - 2 * x) / ((2 * x - 1) * (2 * x**2 - 4 * x + 1) * (4 * x**2 - 4 * x - 1))
-        a21 = (-2 + s2 * (1 - 2 * x)) / (4 * (x - 1))
-        a31 = (2 * x + s2 - 2) * (4 * x + s2 - 2) * alpha / (4 * s2 * (x - 1))
-        a32 = 0.5 * (s2 - 1) * alpha
-        poly = -40 * x**4 + (80 - 40 * s2) * x**3 - (88 - 60 * s2) * x**2 + (48 - 34 * s2) * x + 7 * s2 - 10
-        a41 = beta * (2 * x - s2) * poly / (8 * (x - 1) * (2 * x**2 - 1))
-        a42 = 0.5 * (2 - s2) * x * (x - 1) * (4 * x + s2 - 2) * beta
-        a43 = (
-            (2 - s2)
-            * (2 * x - s2)
-            * (2 + s2 - 2 * x)
-            * (x - 1)
-            * (2 * x - 1)
-            / (4 * (2 * x**2 - 1) * (2 * x**2 - 4 * x + 1))
-        )
-    except ZeroDivisionError:
-        raise ValueError(f"EES(2,7;x) is undefined at x = {x}") from None
+    _check_defined("EES(2,7;x)", x, (x - 1, 2 * x - 1, 2 * x - 1 + s2, 2 * x - 2 + s2, 2 * x + s2))
+    # kauri: alpha = (-2x + s2 + 1)(2x + s2) / ((2x - 1)(4x^2 - 4x - 1)), 4x^2 - 4x - 1 = (2x - 1 - s2)(2x - 1 + s2)
+    alpha = -(2 * x + s2) / ((2 * x - 1) * (2 * x - 1 + s2))
+    # kauri: beta = (1 + s2 - 2x)(2 + s2 - 2x) / ((2x - 1)(2x^2 - 4x + 1)(4x^2 - 4x - 1)),
+    # 2x^2 - 4x + 1 = (2x - 2 - s2)(2x - 2 + s2) / 2
+    beta = 2 / ((2 * x - 1) * (2 * x - 2 + s2) * (2 * x - 1 + s2))
+    a21 = (-2 + s2 * (1 - 2 * x)) / (4 * (x - 1))
+    a31 = (2 * x + s2 - 2) * (4 * x + s2 - 2) * alpha / (4 * s2 * (x - 1))
+    a32 = 0.5 * (s2 - 1) * alpha
+    c3, c2, c1, c0 = (_p_plus_q_s2(p, q, s2) for p, q in ((80, -40), (-88, 60), (48, -34), (-10, 7)))
+    poly = ((-40 * x + c3) * x + c2) * x**2 + c1 * x + c0  # -40x^4 + (80 - 40 s2) x^3 - (88 - 60 s2) x^2 + ...
+    # kauri: a41 = beta (2x - s2) poly / (8 (x - 1)(2x^2 - 1)), 2x^2 - 1 = (2x - s2)(2x + s2) / 2
+    a41 = beta * poly / (4 * (x - 1) * (2 * x + s2))
+    a42 = 0.5 * (2 - s2) * x * (x - 1) * (4 * x + s2 - 2) * beta
+    # kauri: a43 = (2 - s2)(2x - s2)(2 + s2 - 2x)(x - 1)(2x - 1) / (4 (2x^2 - 1)(2x^2 - 4x + 1))
+    a43 = -(2 - s2) * (x - 1) * (2 * x - 1) / ((2 * x + s2) * (2 * x - 2 + s2))
     b = (x, (2 - s2) / 2 - (1 - s2) * x, (1 - s2) * (x - 1), (2 - s2) / 2 - x)
-    return Tableau(f"EES(2,7;{x:g})", ((), (a21,), (a31, a32), (a41, a42, a43)), b, 2, 7)
+    name = f"EES(2,7;{x:g})" if plus else f"EES(2,7;{x:g},minus)"
+    return Tableau(name, ((), (a21,), (a31, a32), (a41, a42, a43)), b, 2, 7)
 
 
 EULER = Tableau("Euler", ((),), (1.0,), 1, 1)
