@@ -1,0 +1,148 @@
+"""``diffinv edit``: invert a photo with Stable Diffusion and regenerate it under target prompts."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+from pathlib import Path
+from typing import Any
+
+from ..images import check_output_path, image_grid, load_image, save_image
+from ..schedules import SPACINGS
+from ..smoothing import SMOOTHINGS
+from ..solvers import get_solver
+
+DTYPES = ("fp16", "bf16", "fp32")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "edit",
+        help="edit a photo with text: invert it under --source, regenerate under each --target",
+        description="Invert IMAGE with the source prompt, then generate it under each target prompt "
+        "(one batched pass). Writes OUT (numbered OUT_1, OUT_2, ... for several targets).",
+    )
+    p.add_argument("image", metavar="IMAGE", help="the photo to edit (any format Pillow reads)")
+    p.add_argument("--source", required=True, help="a prompt describing IMAGE")
+    p.add_argument("--target", action="append", required=True, help="an edit prompt (repeat for several)")
+    p.add_argument("--model", default=None, help="hub id or local folder (default: SD 1.5)")
+    p.add_argument("--solver", default="ees27", help="solver name (see 'diffinv list-solvers'; default ees27)")
+    p.add_argument(
+        "--solver-option", action="append", default=[], metavar="KEY=VALUE", help="solver option (repeatable)"
+    )
+    p.add_argument("--steps", type=int, default=50, help="solver steps over the full range (default 50)")
+    p.add_argument("--spacing", choices=SPACINGS, default="lambda", help="grid spacing (default lambda)")
+    p.add_argument("--strength", type=float, default=1.0, help="inversion depth in (0, 1] (default 1: full)")
+    p.add_argument("--guidance", type=float, default=None, help="editing CFG scale (default 3; 7.5 with npi)")
+    p.add_argument("--inversion-guidance", type=float, default=None, help="inversion CFG scale (default: --guidance)")
+    p.add_argument("--negative-prompt", default="", help="unconditional prompt (default: empty)")
+    p.add_argument(
+        "--smoothing", nargs="+", action="extend", choices=SMOOTHINGS, default=[], help="smoothing strategies"
+    )
+    p.add_argument("--lora", default=None, help="Smooth-Diffusion LoRA file or hub id (implies smooth-lora)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1)")
+    p.add_argument("--resize", choices=("crop", "pad", "stretch"), default="crop", help="fit rule (default crop)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default fp16 on CUDA, else fp32)")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=None, help="sample the VAE posterior with this seed (default: mean)")
+    p.add_argument("--out", default=None, help="output image (default: IMAGE's folder, <stem>_edit.png)")
+    p.add_argument("--grid", action="store_true", help="also write OUT_grid: source | reconstruction | edits")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def parse_solver_options(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as a dict; values parsed as Python literals when possible."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--solver-option must be KEY=VALUE, got {item!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def output_paths(image: Path, out: str | None, count: int) -> list[Path]:
+    """Where the edits go: ``out`` (or ``<stem>_edit.png``), numbered ``_1``... for several targets."""
+    base = Path(out) if out else image.with_name(f"{image.stem}_edit.png")
+    check_output_path(base)
+    if count == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}_{i + 1}{base.suffix}") for i in range(count)]
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not args.source.strip():
+        raise ValueError("--source prompt is empty")
+    for t in args.target:
+        if not t.strip():
+            raise ValueError("--target prompt is empty")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
+        raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
+    for flag, value in (("--guidance", args.guidance), ("--inversion-guidance", args.inversion_guidance)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
+    if not math.isfinite(args.lora_scale):
+        raise ValueError(f"--lora-scale must be finite, got {args.lora_scale}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..editor import DEFAULT_MODEL, Editor
+
+    _check_args(args)
+    image = Path(args.image)
+    load_image(image)  # fail fast on a missing or corrupt file, before loading a model
+    options = parse_solver_options(args.solver_option)
+    get_solver(args.solver, **options)  # unknown solver or option: fail before loading a model
+    paths = output_paths(image, args.out, len(args.target))
+    grid_path = paths[0].with_name(f"{Path(args.out).stem if args.out else image.stem + '_edit'}_grid.png")
+    for p in [*paths, *([grid_path] if args.grid else [])]:
+        if p.resolve() == image.resolve():
+            raise ValueError(f"output {p} would overwrite the input image")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype or "")
+    generator = None
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+        generator = torch.Generator("cpu").manual_seed(args.seed)  # a CPU generator: same draw on every device
+    if args.no_progress:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    with torch.inference_mode():
+        editor = Editor.from_pretrained(
+            args.model or DEFAULT_MODEL,
+            dtype=dtype,
+            device=args.device,
+            solver=args.solver,
+            solver_options=options,
+            steps=args.steps,
+            spacing=args.spacing,
+            strength=args.strength,
+            guidance=args.guidance,
+            inversion_guidance=args.inversion_guidance,
+            negative_prompt=args.negative_prompt,
+            smoothing=args.smoothing,
+            lora=args.lora,
+            lora_scale=args.lora_scale,
+            resize=args.resize,
+            progress=not args.no_progress,
+        )
+        inv = editor.invert(image, args.source, generator=generator)
+        edits = editor.edit(inv, args.target)
+        for img, path in zip(edits, paths):
+            save_image(img, path)
+            print(path)
+        if args.grid:
+            recon = editor.reconstruct(inv)
+            save_image(image_grid([inv.images[0], recon[0], *edits]), grid_path)
+            print(grid_path)
+    return 0

@@ -1,0 +1,96 @@
+"""``diffinv edit`` end to end on a saved tiny pipeline, and its one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny import tiny_sd_pipe
+
+from diffinv import cli
+from diffinv.solvers import get_solver, list_solvers
+
+EXACT = [n for n in list_solvers() if get_solver(n).exact]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tiny_sd_pipe().save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(root / "photo.png")
+    return root
+
+
+def _edit(setup, *extra):
+    base = [str(setup / "photo.png"), "--source", "a cat", "--model", str(setup / "model"), "--steps", "2"]
+    return cli.main(["edit", *base, "--device", "cpu", "--dtype", "fp32", "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ees25", *EXACT[:1]])
+def test_edit_writes_numbered_images_and_a_grid(setup, solver, capsys):
+    before = (setup / "photo.png").read_bytes()
+    out = setup / solver / "edit.png"
+    rc = _edit(setup, "--solver", solver, "--target", "a dog", "--target", "a fox", "--out", str(out), "--grid")
+    assert rc == 0, capsys.readouterr().err
+    for name in ("edit_1.png", "edit_2.png"):
+        assert Image.open(setup / solver / name).size == (64, 64)
+    assert Image.open(setup / solver / "edit_grid.png").size == (4 * 64, 64)  # source | recon | 2 edits
+    assert (setup / "photo.png").read_bytes() == before
+
+
+def test_edit_default_output_and_options(setup, capsys):
+    rc = _edit(
+        setup, "--target", "a dog", "--solver-option", "form=sigma", "--smoothing", "npi", "proximal", "--seed", "3"
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert (setup / "photo_edit.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "missing.png"], "not found"),
+        (["--image", "corrupt.png"], "corrupt.png"),
+        (["--source", ""], "--source prompt is empty"),
+        (["--target", "  "], "--target prompt is empty"),
+        (["--solver", "nope"], "unknown solver"),
+        (["--solver-option", "nope=1"], "no option"),
+        (["--solver-option", "novalue"], "KEY=VALUE"),
+        (["--steps", "0"], "--steps"),
+        (["--steps", "two"], "--steps"),
+        (["--strength", "1.5"], "--strength"),
+        (["--guidance", "nan"], "--guidance"),
+        (["--out", "photo.png"], "overwrite"),
+        (["--out", "edit.xyz"], "suffix"),
+        (["--smoothing", "blur"], "--smoothing"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(setup, capsys, args, message, monkeypatch):
+    (setup / "corrupt.png").write_bytes(b"\x89PNG broken")
+    monkeypatch.chdir(setup)
+    opts = {"--image": "photo.png", "--source": "a cat", "--target": "a dog"}
+    rest = []
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in opts:
+            opts[flag] = value
+        else:
+            rest += [flag, value]
+    argv = ["edit", opts["--image"], "--source", opts["--source"], "--target", opts["--target"]]
+    argv += ["--model", str(setup / "model"), "--device", "cpu", "--no-progress", *rest]
+    try:
+        rc = cli.main(argv)
+    except SystemExit as stop:  # argparse rejects bad types and choices itself, also with status 2
+        rc = stop.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and message in err, err
