@@ -157,7 +157,7 @@ class NoiseSchedule:
         """Inverse of :meth:`lam`: the fractional timestep whose half-log-SNR is ``lam``."""
         lam = _as_f64(lam)
         lo, hi = self._lam[-1].item(), self._lam[0].item()
-        if (lam < lo - 1e-12).any() or (lam > hi + 1e-12).any():
+        if not ((lam >= lo - 1e-12) & (lam <= hi + 1e-12)).all():  # also rejects NaN
             raise ValueError(f"lambda outside the schedule's range [{lo:.6g}, {hi:.6g}]")
         log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2 * lam)
         # log alpha decreases with t: search the reversed (increasing) table.
