@@ -63,7 +63,8 @@ class FakeEditor:
         return np.asarray(image).astype(np.int64)
 
     def edit(self, inv, targets):
-        key = f"{targets[0]}|{self.config.solver}|{json.dumps(self.config.solver_options, sort_keys=True)}"
+        c = self.config
+        key = f"{targets[0]}|{c.solver}|{json.dumps(c.solver_options, sort_keys=True)}|{c.smoothing}|{c.guidance}"
         shift = zlib.crc32(key.encode()) % 60 - 30
         out = inv.copy()
         out[10:40, 10:40] += shift
