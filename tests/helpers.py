@@ -79,7 +79,7 @@ def fitted_slope(xs, ys) -> float:
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
+    return float((a - b).detach().abs().max())
 
 
 def isclose_all(values, expected, tol: float) -> bool:
