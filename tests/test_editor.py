@@ -72,7 +72,7 @@ def test_from_pretrained_picks_the_pipeline_class(saved):
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 @pytest.mark.parametrize("solver", EXACT)
 def test_exact_solvers_round_trip_in_float64(pipes, kind, solver):
-    editor = diffinv.Editor(pipes[kind], solver=solver, steps=4, guidance=2.0, **F64)
+    editor = diffinv.Editor(pipes[kind], solver=solver, steps=3, guidance=2.0, **F64)
     x = latent(1)
     inv = editor.invert_latent(x, "a photo of a cat")
     rec = editor.reconstruct(inv, output_type="latent")
@@ -109,13 +109,13 @@ def test_ddim_reproduces_the_diffusers_pipeline():
 
 
 def test_batched_edit_equals_single_edits(pipes):
-    editor = diffinv.Editor(pipes["sd"], solver="ees25", steps=3, guidance=4.0, **F64)
+    editor = diffinv.Editor(pipes["sd"], solver="heun", steps=2, guidance=4.0, **F64)
     inv = editor.invert_latent(latent(3, n=2), ["a cat", "a dog"])
     targets = ["a tiger", "a lion", "a cat"]
     batched = editor.edit(inv, targets, output_type="latent")
     assert batched.shape == (6, 4, 8, 8) and batched.dtype == torch.float64
     for i in range(2):
-        one = diffinv.Editor(pipes["sd"], solver="ees25", steps=3, guidance=4.0, **F64)
+        one = diffinv.Editor(pipes["sd"], solver="heun", steps=2, guidance=4.0, **F64)
         single_inv = one.invert_latent(inv.source[i : i + 1], inv.prompts[i])
         for j, target in enumerate(targets):
             single = one.edit(single_inv, [target], output_type="latent")
