@@ -176,10 +176,11 @@ def invert(
 def generate(
     model: EpsModel,
     x: Tensor | Inversion,
+    /,
     schedule: NoiseSchedule | None = None,
     solver: str | Solver | None = None,
     steps: int | None = None,
-    spacing: str = "lambda",
+    spacing: str | None = None,
     timesteps: Sequence[float] | Tensor | None = None,
     start: float | None = None,
     callback: Callback | None = None,
@@ -191,10 +192,13 @@ def generate(
 
     From an :class:`Inversion` the grid, solver and auxiliary state are the inversion's (editing:
     pass the target prompt's model). From a plain tensor ``x`` (at the grid's first timestep) give
-    ``schedule`` and, optionally, ``solver`` (default ``"ees27"``) and the grid as in :func:`invert`.
+    ``schedule`` and, optionally, ``solver`` (default ``"ees27"``) and the grid as in :func:`invert`
+    (``spacing`` defaults to ``"lambda"``). ``model`` and ``x`` are positional-only, so that the EES
+    family parameter ``x=`` can be passed as a solver option.
     """
     if isinstance(x, Inversion):
-        given = {"schedule": schedule, "solver": solver, "steps": steps, "timesteps": timesteps, "start": start}
+        given = {"schedule": schedule, "solver": solver, "steps": steps, "spacing": spacing}
+        given |= {"timesteps": timesteps, "start": start}
         clash = [k for k, v in given.items() if v is not None] + sorted(solver_options)
         if clash:
             raise ValueError(f"generate from an Inversion uses its own grid and solver; drop {', '.join(clash)}")
@@ -206,7 +210,7 @@ def generate(
         if schedule is None:
             raise ValueError("generate from a plain tensor needs a schedule")
         slv = get_solver("ees27" if solver is None else solver, **solver_options)
-        grid = resolve_grid(schedule, steps, spacing, timesteps, start)
+        grid = resolve_grid(schedule, steps, "lambda" if spacing is None else spacing, timesteps, start)
         out_dtype = x.dtype
         state = slv.init_state(x.to(_work_dtype(x)), grid)
     field = Field(model, grid.schedule)
