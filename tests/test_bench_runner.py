@@ -282,3 +282,18 @@ def test_cli_end_to_end_with_real_editor(data, tmp_path, capsys):
         # Resume: nothing left, the same table.
         assert main(argv) == 0
         assert read_table(out / "metrics.csv") == rows
+
+
+def test_every_preset_run_is_a_valid_configuration():
+    from diffinv import get_solver
+    from diffinv.bench import PRESETS
+    from diffinv.smoothing import parse_smoothing
+
+    for preset in PRESETS.values():
+        assert preset.runs, preset.name
+        for name, overrides in preset.runs.items():
+            config = RunConfig(model="m", **overrides)
+            get_solver(config.solver, **config.solver_options)  # unknown solver or option -> ValueError
+            parse_smoothing(config.smoothing)
+            assert "/" not in name
+    assert len(PRESETS["solver-ablation"].runs) == 4 * 4 * 3
