@@ -524,3 +524,21 @@ def test_order_two(mixture, order_problem, name):
 def test_bad_options(name, opts, match):
     with pytest.raises(ValueError, match=match):
         get_solver(name, **opts)
+
+
+
+def test_reversible_heun_edit_does_not_reuse_the_inversion_slope(mixture):
+    """Reversible Heun caches f(s, z); an edit under another model must evaluate its own first slope."""
+    from diffinv.solvers.reversible import ReversibleHeunState
+
+    x0 = mixture.sample(1, generator=torch.Generator().manual_seed(3))
+    other = GaussianMixture(SCHED, mixture.mu.reshape(-1, 2, 2, 2) + 0.3, torch.tensor([0.05, 0.1, 0.2]))
+    inv = diffinv.invert(mixture, x0, SCHED, solver="reversible_heun", steps=6)
+    assert inv.state.f is not None
+    field = Field(other, SCHED)
+    expected = ReversibleHeunState(inv.state.x, inv.state.z, None)  # slope left for the target model
+    for k in range(inv.grid.steps):
+        expected = inv.solver.step(field, inv.grid, k, expected)
+    assert torch.equal(diffinv.generate(other, inv), expected.x)
+    assert field.nfe == inv.grid.steps + 1
+    assert (diffinv.generate(mixture, inv) - x0).abs().max() < 1e-12  # still exact with the same model

@@ -137,6 +137,11 @@ class ReversibleHeun(Solver):
     def init_inversion(self, x: Tensor, grid: Grid) -> State:
         return ReversibleHeunState(x, x.clone())
 
+    def to_generation(self, state: State, grid: Grid) -> State:
+        # The cached slope belongs to the inversion's model; an edit must evaluate its own (one extra call).
+        # With the same model the recomputed slope is the same number, so reconstruction stays exact.
+        return ReversibleHeunState(state.x, state.z, None)
+
     def _slope(self, field: Field, grid: Grid, i: int, z: Tensor, cached: Tensor | None) -> Tensor:
         return self.form.rhs(field, grid.t[i], z) if cached is None else cached
 
