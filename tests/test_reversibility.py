@@ -80,3 +80,18 @@ def test_round_trip_ees_far_better_than_ddim_at_equal_nfe():
     # Equal NFE: EES(2,7) 50 x 4 = DDIM 200 x 1, EES(2,5) 50 x 3 = DDIM 150 x 1.
     assert errors["ees27", 50] < 1e-3 * errors["ddim", 200], errors
     assert errors["ees25", 50] < 1e-2 * errors["ddim", 150], errors
+
+
+def test_family_members_with_nodes_beyond_one_run_on_full_grids():
+    """EES(2,7;x=0.2) has c4 = 1.067: the last stage of the last interval lies past t = 0 and is clamped there."""
+    from diffinv.analytic import GaussianModel
+
+    sched = diffinv.NoiseSchedule.scaled_linear()
+    model = GaussianModel(sched, torch.full((2, 2, 2), 0.3), 0.05)
+    x0 = model.sample(2, generator=torch.Generator().manual_seed(0))
+    assert max(diffinv.ees27(0.2).c) > 1
+    errs = []
+    for steps in (25, 50):
+        inv = diffinv.invert(model, x0, sched, solver="ees27", x=0.2, steps=steps)
+        errs.append((diffinv.generate(model, inv) - x0).abs().max().item())
+    assert errs[1] < errs[0] < 1e-3

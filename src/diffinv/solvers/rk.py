@@ -40,16 +40,25 @@ def rk_increment(tableau: Tableau, f: Callable[[int, Tensor], Tensor], y: Tensor
 
 
 def stage_plan(form: ODEForm, grid: Grid, nodes: tuple[float, ...], backward: bool) -> list[StagePlan]:
-    """Per-interval stage timesteps and weights for ``form`` on ``grid``, cached on the grid."""
+    """Per-interval stage timesteps and weights for ``form`` on ``grid``, cached on the grid.
+
+    Tableaus with a node outside [0, 1] (e.g. EES(2,7;x) for x > 0.17) put a stage of the first or last
+    interval beyond the schedule's ends; the model is evaluated there at the nearest end of the schedule.
+    """
     key = ("rk-plan", form.name, nodes, backward)
     if key not in grid.cache:
         sched = grid.schedule
+        ends = (form.s_of_t(sched, 0.0), form.s_of_t(sched, sched.T))
+        lo, hi = min(ends), max(ends)
         plans: list[StagePlan] = []
         for k in range(grid.steps):
             t_from, t_to = (grid.t[k + 1], grid.t[k]) if backward else (grid.t[k], grid.t[k + 1])
             s_from, s_to = form.s_of_t(sched, t_from), form.s_of_t(sched, t_to)
             h = s_to - s_from
-            ts = tuple(t_from if c == 0.0 else t_to if c == 1.0 else form.t_of_s(sched, s_from + c * h) for c in nodes)
+            ts = tuple(
+                t_from if c == 0.0 else t_to if c == 1.0 else form.t_of_s(sched, min(max(s_from + c * h, lo), hi))
+                for c in nodes
+            )
             plans.append((h, ts, form.weight(sched, t_from), form.weight(sched, t_to)))
         grid.cache[key] = plans
     return grid.cache[key]
