@@ -56,6 +56,28 @@ def test_edit_default_output_and_options(setup, capsys):
     assert (setup / "photo_edit.png").is_file()
 
 
+def test_edit_with_a_lora_file_merged_or_unmerged(setup, capsys):
+    from safetensors.torch import save_file
+
+    unet = tiny_sd_pipe().unet
+    gen = torch.Generator().manual_seed(0)
+    lora = {}
+    for name, module in unet.named_modules():
+        if name.endswith(".attn2.to_v"):  # the authors' key format: ...attn2.processor.to_v_lora.{down,up}.weight
+            stem = name[: -len(".to_v")] + ".processor.to_v_lora"
+            lora[f"{stem}.down.weight"] = torch.randn(2, module.in_features, generator=gen)
+            lora[f"{stem}.up.weight"] = torch.randn(module.out_features, 2, generator=gen)
+    save_file(lora, str(setup / "lora.safetensors"))
+    outs = {}
+    for mode in ("merged", "unmerged"):
+        extra = ["--lora-unmerged"] if mode == "unmerged" else []
+        out = setup / f"lora_{mode}.png"
+        rc = _edit(setup, "--target", "a dog", "--lora", str(setup / "lora.safetensors"), "--out", str(out), *extra)
+        assert rc == 0, capsys.readouterr().err
+        outs[mode] = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(outs["merged"] - outs["unmerged"]).max() <= 1  # the same edit, up to float32 rounding
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -106,6 +106,25 @@ def test_smooth_diffusion_lora_file_merges_exactly(tmp_path):
     assert untouched and all(torch.equal(before[k], after[k]) for k in untouched)
 
 
+def test_unmerged_lora_equals_merged_and_can_be_removed():
+    merged, hooked = tiny_unet(dtype=torch.float64), tiny_unet(dtype=torch.float64)
+    sd = _old_format_lora(merged, seed=1)
+    weights = {k: v.clone() for k, v in hooked.state_dict().items()}
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(2, 77, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor(500.0, dtype=torch.float64)
+    plain = hooked(x, t, encoder_hidden_states=ctx).sample
+    load_lora(merged, sd, scale=0.7)
+    hooks = load_lora(hooked, sd, scale=0.7, merge=False)
+    assert all(torch.equal(weights[k], v) for k, v in hooked.state_dict().items())  # weights untouched
+    want = merged(x, t, encoder_hidden_states=ctx).sample
+    got = hooked(x, t, encoder_hidden_states=ctx).sample
+    assert (want - plain).abs().max() > 1e-3
+    assert (got - want).abs().max() < 1e-10
+    hooks.remove()
+    assert torch.equal(hooked(x, t, encoder_hidden_states=ctx).sample, plain)
+
+
 def test_peft_format_with_alpha():
     unet = tiny_unet(dtype=torch.float64)
     name = _attention_modules(unet)[0] + ".to_k"

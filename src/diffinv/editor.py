@@ -164,7 +164,8 @@ class Editor:
     ``inversion_guidance``: CFG scale while inverting (default: ``guidance``; ignored by NPI);
     ``negative_prompt``: the unconditional prompt (``""``). ``smoothing``: any of ``"npi"``,
     ``"proximal"``, ``"smooth-lora"``; ``proximal``: :class:`ProximalGuidance` options;
-    ``lora``/``lora_scale``: the Smooth-Diffusion LoRA source and strength (merged into the UNet).
+    ``lora``/``lora_scale``/``lora_merge``: the Smooth-Diffusion LoRA source, strength, and whether it is
+    merged into the UNet's weights (default) or applied by forward hooks (``editor.lora_hooks.remove()`` undoes it).
     ``dtype``/``device``: move the pipeline; ``solver_dtype``: the solver state's dtype.
     ``size``: ``(height, width)`` of the model input (default: the model's native size) and ``resize``
     how images are fitted to it (:mod:`diffinv.images`). ``progress``: tqdm bars per phase.
@@ -183,6 +184,7 @@ class Editor:
         proximal: ProximalGuidance | dict[str, Any] | None = None,
         lora: str | Path | dict[str, Tensor] | None = None,
         lora_scale: float = 1.0,
+        lora_merge: bool = True,
         strength: float = 1.0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -249,9 +251,12 @@ class Editor:
         self.resize, self.progress = resize, progress
 
         self.lora_layers: list[str] = []
+        self.lora_hooks = None
         self.lora_scale = _check_number("lora_scale", lora_scale)
         if "smooth-lora" in self.smoothing:
-            self.lora_layers = load_lora(self.unet, SMOOTH_LORA_ID if lora is None else lora, self.lora_scale)
+            applied = load_lora(self.unet, SMOOTH_LORA_ID if lora is None else lora, self.lora_scale, merge=lora_merge)
+            self.lora_hooks = None if isinstance(applied, list) else applied
+            self.lora_layers = applied if isinstance(applied, list) else applied.layers
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod

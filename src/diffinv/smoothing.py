@@ -286,16 +286,58 @@ def _resolve_lora(source: str | Path) -> Path:
     return Path(hf_hub_download(str(source), choice))
 
 
-def load_lora(
-    unet: nn.Module, source: str | Path | dict[str, Tensor] = SMOOTH_LORA_ID, scale: float = 1.0
-) -> list[str]:
-    """Merge a LoRA (file, folder, hub id or state dict) into ``unet`` with strength ``scale``.
+class LoraHooks:
+    """An unmerged LoRA: forward hooks that add ``scale * alpha_ratio * up(down(x))`` to each paired layer.
 
-    Every key and shape is checked before any weight changes. Returns the names of the changed layers.
+    The UNet's weights stay untouched; :meth:`remove` detaches the LoRA again.
+    """
+
+    def __init__(self, unet: nn.Module, pairs: Sequence[LoraPair], scale: float = 1.0):
+        modules = dict(unet.named_modules())
+        self.layers = [p.module for p in pairs]
+        self._handles = [modules[p.module].register_forward_hook(self._hook(p, scale)) for p in pairs]
+
+    @staticmethod
+    def _hook(pair: LoraPair, scale: float):
+        cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+        def add_lora(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
+            x = args[0]
+            key = (x.device, x.dtype)
+            if key not in cache:
+                cache[key] = (
+                    pair.down.to(x.device, x.dtype),
+                    (scale * pair.alpha_ratio) * pair.up.to(x.device, x.dtype),
+                )
+            down, up = cache[key]
+            return out + nn.functional.linear(nn.functional.linear(x, down), up)
+
+        return add_lora
+
+    def remove(self) -> None:
+        """Detach the LoRA from the UNet."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def load_lora(
+    unet: nn.Module,
+    source: str | Path | dict[str, Tensor] = SMOOTH_LORA_ID,
+    scale: float = 1.0,
+    merge: bool = True,
+) -> list[str] | LoraHooks:
+    """Apply a LoRA (file, folder, hub id or state dict) to ``unet`` with strength ``scale``.
+
+    Every key and shape is checked before anything changes. ``merge=True`` adds the update to the
+    weights and returns the names of the changed layers; ``merge=False`` leaves the weights alone and
+    returns the :class:`LoraHooks` that apply it at run time (and can remove it).
     """
     if not math.isfinite(float(scale)):
         raise ValueError(f"LoRA scale must be finite, got {scale!r}")
     state = source if isinstance(source, dict) else read_lora_file(_resolve_lora(source))
     pairs = lora_pairs(state, unet)
+    if not merge:
+        return LoraHooks(unet, pairs, float(scale))
     merge_lora(unet, pairs, float(scale))
     return [p.module for p in pairs]

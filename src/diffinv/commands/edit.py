@@ -42,6 +42,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--lora", default=None, help="Smooth-Diffusion LoRA file or hub id (implies smooth-lora)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1)")
+    p.add_argument("--lora-unmerged", action="store_true", help="apply the LoRA by forward hooks instead of merging it")
     p.add_argument("--resize", choices=("crop", "pad", "stretch"), default="crop", help="fit rule (default crop)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default fp16 on CUDA, else fp32)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
@@ -133,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             smoothing=args.smoothing,
             lora=args.lora,
             lora_scale=args.lora_scale,
+            lora_merge=not args.lora_unmerged,
             resize=args.resize,
             progress=not args.no_progress,
         )
