@@ -23,7 +23,6 @@ All are the same ODE; an RK method gives different numbers in each. Euler in ``s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,13 +77,13 @@ class Field:
             raise ValueError(f"model returned shape {tuple(out.shape)} for input of shape {tuple(x.shape)}")
         return out.to(x.dtype)
 
-    def x0(self, x: Tensor, t: float) -> Tensor:
-        """Data prediction ``(x - sigma eps) / alpha``."""
-        a, s = self.coefficients(t)
+    def x0(self, x: Tensor, t: float, coefficients: tuple[float, float] | None = None) -> Tensor:
+        """Data prediction ``(x - sigma eps) / alpha``; ``coefficients``: ``(alpha_t, sigma_t)`` if known."""
+        a, s = self.coefficients(t) if coefficients is None else coefficients
         return (x - s * self.eps(x, t)) / a
 
     def coefficients(self, t: float) -> tuple[float, float]:
-        """``(alpha_t, sigma_t)`` as Python floats."""
+        """``(alpha_t, sigma_t)`` as Python floats (solvers take them from their per-grid caches instead)."""
         return float(self.schedule.alpha(t)), float(self.schedule.sigma(t))
 
 
@@ -95,37 +94,46 @@ class ODEForm:
     name: str
     description: str
 
-    def s_of_t(self, schedule: NoiseSchedule, t: float) -> float:
-        """Solver time of model timestep ``t``."""
+    def s_of_t(self, schedule: NoiseSchedule, t: float | Tensor) -> float | Tensor:
+        """Solver time of model timestep ``t`` (elementwise for a float64 tensor of timesteps)."""
         if self.name == "t":
-            return float(t)
-        if self.name == "sigma":
-            return float(schedule.chi(t))
-        if self.name == "gamma":
-            return math.exp(float(schedule.lam(t)))
-        return float(schedule.lam(t))
+            s = torch.as_tensor(t, dtype=torch.float64)
+        elif self.name == "sigma":
+            s = schedule.chi(t)
+        elif self.name == "gamma":
+            s = torch.exp(schedule.lam(t))
+        else:
+            s = schedule.lam(t)
+        return s if isinstance(t, Tensor) else float(s)
 
-    def t_of_s(self, schedule: NoiseSchedule, s: float) -> float:
-        """Model timestep of solver time ``s``."""
+    def t_of_s(self, schedule: NoiseSchedule, s: float | Tensor) -> float | Tensor:
+        """Model timestep of solver time ``s`` (elementwise for a float64 tensor)."""
         if self.name == "t":
-            return float(s)
-        if self.name == "sigma":
-            return float(schedule.timestep_of_chi(s))
-        if self.name == "gamma":
-            return float(schedule.timestep_of_lam(math.log(s)))
-        return float(schedule.timestep_of_lam(s))
+            t = torch.as_tensor(s, dtype=torch.float64)
+        elif self.name == "sigma":
+            t = schedule.timestep_of_chi(s)
+        elif self.name == "gamma":
+            t = schedule.timestep_of_lam(torch.log(torch.as_tensor(s, dtype=torch.float64)))
+        else:
+            t = schedule.timestep_of_lam(s)
+        return t if isinstance(s, Tensor) else float(t)
 
-    def weight(self, schedule: NoiseSchedule, t: float) -> float:
-        """``w(t)`` in ``Y = x / w(t)``."""
+    def weight(self, schedule: NoiseSchedule, t: float | Tensor) -> float | Tensor:
+        """``w(t)`` in ``Y = x / w(t)`` (elementwise for a float64 tensor of timesteps)."""
         if self.name == "t":
-            return 1.0
-        if self.name in ("lambda-x", "gamma"):
-            return float(schedule.sigma(t))
-        return float(schedule.alpha(t))
+            w = torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+        elif self.name in ("lambda-x", "gamma"):
+            w = schedule.sigma(t)
+        else:
+            w = schedule.alpha(t)
+        return w if isinstance(t, Tensor) else float(w)
 
-    def rhs(self, field: Field, t: float, y: Tensor) -> Tensor:
-        """``dY/ds`` at state ``y`` and model timestep ``t`` (one model call)."""
-        alpha, sigma = field.coefficients(t)
+    def rhs(self, field: Field, t: float, y: Tensor, coefficients: tuple[float, float] | None = None) -> Tensor:
+        """``dY/ds`` at state ``y`` and model timestep ``t`` (one model call).
+
+        ``coefficients``: ``(alpha_t, sigma_t)`` when the caller has them (solvers keep them per grid).
+        """
+        alpha, sigma = field.coefficients(t) if coefficients is None else coefficients
         if self.name == "t":
             g = float(field.schedule.d_log_alpha(t))
             eps = field.eps(y, t)

@@ -107,7 +107,7 @@ class DPMSolverPP2M(Solver):
 
     def _update(self, field: Field, grid: Grid, i: int, j: int, before: int, state: State, last: bool) -> State:
         """From grid index ``i`` to ``j``; ``before`` is the index of ``state.d_prev``, if any."""
-        d = field.x0(state.x, grid.t[i])
+        d = field.x0(state.x, grid.t[i], (grid.alpha[i], grid.sigma[i]))
         d_prev = getattr(state, "d_prev", None)
         h = grid.lam[j] - grid.lam[i]
         corrected = d

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..fields import Field, ODEForm, get_form
 from ..tableaux import Tableau
 from .base import Grid, Solver, State
-from .rk import ExplicitRK
+from .rk import ExplicitRK, form_values
 
 __all__ = ["REX_MODES", "CoupledState", "McCallumFoster", "ReversibleHeun", "ReversibleHeunState", "Rex"]
 
@@ -24,7 +24,8 @@ REX_MODES = {"noise": "sigma", "data": "gamma"}
 
 def _weights(form: ODEForm, grid: Grid, k: int) -> tuple[float, float]:
     """``w(t_k), w(t_{k+1})`` of ``Y = x / w``."""
-    return form.weight(grid.schedule, grid.t[k]), form.weight(grid.schedule, grid.t[k + 1])
+    _, w = form_values(form, grid)
+    return w[k], w[k + 1]
 
 
 @dataclass
@@ -143,11 +144,14 @@ class ReversibleHeun(Solver):
         return ReversibleHeunState(state.x, state.z, None)
 
     def _slope(self, field: Field, grid: Grid, i: int, z: Tensor, cached: Tensor | None) -> Tensor:
-        return self.form.rhs(field, grid.t[i], z) if cached is None else cached
+        return self._rhs(field, grid, i, z) if cached is None else cached
+
+    def _rhs(self, field: Field, grid: Grid, i: int, z: Tensor) -> Tensor:
+        return self.form.rhs(field, grid.t[i], z, (grid.alpha[i], grid.sigma[i]))
 
     def _h(self, grid: Grid, k: int) -> float:
-        sched = grid.schedule
-        return self.form.s_of_t(sched, grid.t[k + 1]) - self.form.s_of_t(sched, grid.t[k])
+        s, _ = form_values(self.form, grid)
+        return s[k + 1] - s[k]
 
     def step(self, field: Field, grid: Grid, k: int, state: State) -> State:
         w0, w1 = _weights(self.form, grid, k)
@@ -155,7 +159,7 @@ class ReversibleHeun(Solver):
         y, z = state.x / w0, state.z / w0
         f = self._slope(field, grid, k, z, getattr(state, "f", None))
         z = 2 * y - z + h * f
-        f_next = self.form.rhs(field, grid.t[k + 1], z)
+        f_next = self._rhs(field, grid, k + 1, z)
         y = y + (0.5 * h) * (f + f_next)
         return ReversibleHeunState(y * w1, z * w1, f_next)
 
@@ -165,6 +169,6 @@ class ReversibleHeun(Solver):
         y, z = state.x / w1, state.z / w1
         f_next = self._slope(field, grid, k + 1, z, getattr(state, "f", None))
         z = 2 * y - z - h * f_next
-        f = self.form.rhs(field, grid.t[k], z)
+        f = self._rhs(field, grid, k, z)
         y = y - (0.5 * h) * (f + f_next)
         return ReversibleHeunState(y * w0, z * w0, f)

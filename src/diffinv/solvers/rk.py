@@ -7,36 +7,57 @@ time (reference/solvers.md §3.5): for EES schemes this undoes a forward step up
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from ..fields import Field, ODEForm, get_form
 from ..tableaux import Tableau, get_tableau
 from .base import Grid, Solver, State
 
-__all__ = ["ExplicitRK", "StagePlan", "rk_increment"]
+__all__ = ["ExplicitRK", "StagePlan", "form_values", "rk_increment", "stage_plan"]
 
-# Per interval: solver step h (signed), the model timestep of every stage, and the state weights
-# w(t) at the interval's start and end, in the direction of travel.
-StagePlan = tuple[float, tuple[float, ...], float, float]
+
+class StagePlan(NamedTuple):
+    """One interval in the direction of travel: solver step ``h`` (signed), every stage's model timestep
+    and ``(alpha, sigma)`` there, and the state weights ``w(t)`` at the interval's start and end."""
+
+    h: float
+    t: tuple[float, ...]
+    coefficients: tuple[tuple[float, float], ...]
+    w_from: float
+    w_to: float
 
 
 def rk_increment(tableau: Tableau, f: Callable[[int, Tensor], Tensor], y: Tensor, h: float) -> Tensor:
-    """``h * sum_i b_i k_i`` with ``k_i = f(i, y + h * sum_{j<i} a_ij k_j)`` (reference §3.1)."""
+    """``h * sum_i b_i k_i`` with ``k_i = f(i, y + h * sum_{j<i} a_ij k_j)`` (reference §3.1).
+
+    Each stage input and the result are accumulated in place in one fresh buffer (``torch.add`` with
+    ``alpha``: one kernel and no temporary per term); ``y`` and the ``k_i`` are never written to.
+    """
     ks: list[Tensor] = []
     for i, row in enumerate(tableau.a):
         yi = y
         for aij, kj in zip(row, ks):
             if aij != 0.0:
-                yi = yi + (h * aij) * kj
+                yi = torch.add(yi, kj, alpha=h * aij) if yi is y else yi.add_(kj, alpha=h * aij)
         ks.append(f(i, yi))
     out = None
     for bi, ki in zip(tableau.b, ks):
         if bi != 0.0:
-            out = (h * bi) * ki if out is None else out + (h * bi) * ki
+            out = torch.mul(ki, h * bi) if out is None else out.add_(ki, alpha=h * bi)
     assert out is not None  # weights sum to 1, so one is non-zero
     return out
+
+
+def form_values(form: ODEForm, grid: Grid) -> tuple[list[float], list[float]]:
+    """Solver time ``s(t_k)`` and state weight ``w(t_k)`` of ``form`` at every grid point, cached on the grid."""
+    key = ("form-values", form.name)
+    if key not in grid.cache:
+        sched, ts = grid.schedule, grid.timesteps
+        grid.cache[key] = (form.s_of_t(sched, ts).tolist(), form.weight(sched, ts).tolist())
+    return grid.cache[key]
 
 
 def stage_plan(form: ODEForm, grid: Grid, nodes: tuple[float, ...], backward: bool) -> list[StagePlan]:
@@ -44,22 +65,25 @@ def stage_plan(form: ODEForm, grid: Grid, nodes: tuple[float, ...], backward: bo
 
     Tableaus with a node outside [0, 1] (e.g. EES(2,7;x) for x > 0.17) put a stage of the first or last
     interval beyond the schedule's ends; the model is evaluated there at the nearest end of the schedule.
+    The schedule is evaluated once for all grid points and once for all interior stages.
     """
     key = ("rk-plan", form.name, nodes, backward)
     if key not in grid.cache:
         sched = grid.schedule
+        s, w = form_values(form, grid)
         ends = (form.s_of_t(sched, 0.0), form.s_of_t(sched, sched.T))
         lo, hi = min(ends), max(ends)
-        plans: list[StagePlan] = []
-        for k in range(grid.steps):
-            t_from, t_to = (grid.t[k + 1], grid.t[k]) if backward else (grid.t[k], grid.t[k + 1])
-            s_from, s_to = form.s_of_t(sched, t_from), form.s_of_t(sched, t_to)
-            h = s_to - s_from
-            ts = tuple(
-                t_from if c == 0.0 else t_to if c == 1.0 else form.t_of_s(sched, min(max(s_from + c * h, lo), hi))
-                for c in nodes
-            )
-            plans.append((h, ts, form.weight(sched, t_from), form.weight(sched, t_to)))
+        pairs = [(k + 1, k) if backward else (k, k + 1) for k in range(grid.steps)]  # (from, to) grid indices
+        inner = [min(max(s[i] + c * (s[j] - s[i]), lo), hi) for i, j in pairs for c in nodes if c not in (0.0, 1.0)]
+        inner_t = iter(form.t_of_s(sched, torch.tensor(inner, dtype=torch.float64)).tolist() if inner else [])
+        stage_t = [
+            tuple(grid.t[i] if c == 0.0 else grid.t[j] if c == 1.0 else next(inner_t) for c in nodes) for i, j in pairs
+        ]
+        flat = torch.tensor([t for ts in stage_t for t in ts], dtype=torch.float64)
+        coefs = iter(zip(sched.alpha(flat).tolist(), sched.sigma(flat).tolist()))
+        plans = [
+            StagePlan(s[j] - s[i], ts, tuple(next(coefs) for _ in ts), w[i], w[j]) for (i, j), ts in zip(pairs, stage_t)
+        ]
         grid.cache[key] = plans
     return grid.cache[key]
 
@@ -78,6 +102,7 @@ class ExplicitRK(Solver):
         self.form = get_form(form)
         self.name = name or self.tableau.name.lower()
         self.nfe_per_step = self.tableau.stages
+        self.nodes = self.tableau.c  # computed by the tableau on every access
         self.order = self.tableau.order
         self._extra = extra
 
@@ -90,11 +115,13 @@ class ExplicitRK(Solver):
 
     def increment(self, field: Field, grid: Grid, k: int, y: Tensor, backward: bool = False) -> Tensor:
         """RK increment in state space over interval ``k``, from its start in the direction of travel."""
-        h, ts, _, _ = stage_plan(self.form, grid, self.tableau.c, backward)[k]
-        return rk_increment(self.tableau, lambda i, yi: self.form.rhs(field, ts[i], yi), y, h)
+        plan = stage_plan(self.form, grid, self.nodes, backward)[k]
+        ts, coefs = plan.t, plan.coefficients
+        return rk_increment(self.tableau, lambda i, yi: self.form.rhs(field, ts[i], yi, coefs[i]), y, plan.h)
 
     def _move(self, field: Field, grid: Grid, k: int, state: State, backward: bool) -> State:
-        _, _, w_from, w_to = stage_plan(self.form, grid, self.tableau.c, backward)[k]
+        plan = stage_plan(self.form, grid, self.nodes, backward)[k]
+        w_from, w_to = plan.w_from, plan.w_to
         y = state.x / w_from if w_from != 1.0 else state.x
         y = y + self.increment(field, grid, k, y, backward)
         return State(y * w_to if w_to != 1.0 else y)
