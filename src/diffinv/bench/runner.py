@@ -6,7 +6,9 @@ A run folder holds::
     edited/<id>.png      the edit, as the editor produced it
     recon/<id>.png       the reconstruction (invert, then generate with the source prompt)
     records/<id>.json    one image's metrics, written last and atomically: it marks the image done
+                         (a file that is not a complete record of <id> does not: it is redone)
     locks/<id>.lock      per-image advisory locks (fcntl), so concurrent processes never work on one image
+                         (and locks/metrics.lock, so that they rewrite the table one at a time)
     metrics.csv          every record, one row per image, rebuilt from records/
 
 Resuming: images whose record exists are skipped; a crash between the PNGs and the record only redoes that
@@ -165,16 +167,17 @@ def _claim_config(run_dir: Path, config: RunConfig, data: Path) -> None:
 
 
 @contextlib.contextmanager
-def _image_lock(path: Path) -> Iterator[bool]:
-    """Hold an exclusive advisory lock on ``path``; yields False if another process holds it."""
+def _image_lock(path: Path, wait: bool = False) -> Iterator[bool]:
+    """Hold an exclusive advisory lock on ``path``; yields False if another process holds it (``wait``: block)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no locking (run one process per folder)
         yield True
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
@@ -184,11 +187,28 @@ def _image_lock(path: Path) -> Iterator[bool]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def _load_record(path: Path) -> dict[str, Any] | None:
+    """The record in ``path``, or None unless it is a complete record of the image its name says.
+
+    Records are written atomically, so a partial one can only come from outside (a copy cut short, a full
+    disk, a crash of the machine before the data reached the disk): such a file never counts as done.
+    """
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("image_id") != path.stem:
+        return None
+    return record
+
+
 def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every finished image's record in ``run_dir``, sorted by image id."""
+    """Every finished image's record in ``run_dir``, sorted by image id (incomplete files are skipped)."""
     out = []
     for path in sorted((Path(run_dir) / "records").glob("*.json")):
-        out.append(json.loads(path.read_text(encoding="utf-8")))
+        record = _load_record(path)
+        if record is not None:
+            out.append(record)
     return sorted(out, key=lambda r: r["image_id"])
 
 
@@ -203,13 +223,15 @@ def _cell(value: Any) -> str:
 def write_table(run_dir: str | Path) -> Path:
     """Rebuild ``metrics.csv`` from ``records/`` (atomically); returns its path."""
     run_dir = Path(run_dir)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for record in read_records(run_dir):
-        writer.writerow([_cell(record.get(c)) for c in COLUMNS])
     path = run_dir / TABLE_FILE
-    _atomic_write(path, buf.getvalue().encode("utf-8"))
+    # One writer at a time: otherwise a process that read fewer records could replace a newer table last.
+    with _image_lock(run_dir / "locks" / "metrics.lock", wait=True):
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        for record in read_records(run_dir):
+            writer.writerow([_cell(record.get(c)) for c in COLUMNS])
+        _atomic_write(path, buf.getvalue().encode("utf-8"))
     return path
 
 
@@ -280,7 +302,7 @@ def run_bench(
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     _claim_config(run_dir, config, dataset.root)
 
-    shard = [r for r in records[proc.rank :: proc.world] if not (run_dir / "records" / f"{r.id}.json").exists()]
+    shard = [r for r in records[proc.rank :: proc.world] if _load_record(run_dir / "records" / f"{r.id}.json") is None]
     if shard:
         editor = editor_factory(config, proc.device)
         suite = metrics if metrics is not None else MetricSuite(config.metrics, device=proc.device)
@@ -309,7 +331,7 @@ def _run_shard(
         for record in shard:
             done = run_dir / "records" / f"{record.id}.json"
             with _image_lock(run_dir / "locks" / f"{record.id}.lock") as mine:
-                if mine and not done.exists():  # another process may have finished it meanwhile
+                if mine and _load_record(done) is None:  # another process may have finished it meanwhile
                     _run_one(config, record, prompts[record.id], run_dir, editor, suite)
             bar.update(1)
     finally:

@@ -1,0 +1,128 @@
+"""Crash safety of ``diffinv bench`` runs: kills at random moments, partial files, concurrent processes."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+import time
+from collections import Counter
+
+import pytest
+
+from diffinv.bench import PieBench, RunConfig, read_records, run_bench, write_table
+
+from .common import cheap_metrics, fake_factory, images_of, read_table, records_without_timing, run_cli
+
+CONFIG = RunConfig(model="fake", solver="ees27", metrics=["mse", "clip_whole"])
+FORK = multiprocessing.get_context("fork")
+
+
+def _bench(out, delay=0.0, log=None, config=CONFIG, data=None):
+    return run_bench(
+        config,
+        data,
+        out,
+        editor_factory=fake_factory(delay=delay, log=log),
+        metrics=cheap_metrics,
+        device="cpu",
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(pie_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    _bench(out, data=pie_data)
+    return out
+
+
+def _child(data, out, delay, log):
+    _bench(out, delay=delay, log=log, data=data)
+
+
+def test_random_kills_resume_to_the_uninterrupted_table(pie_data, reference, tmp_path):
+    """SIGKILL a run 20 times at random moments (each attempt resumes the last); the end state is the same."""
+    out, log = tmp_path / "run", tmp_path / "calls.log"
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(20):
+        proc = FORK.Process(target=_child, args=(pie_data, out, 0.05, log))  # six images: >= 0.3 s
+        proc.start()
+        time.sleep(rng.uniform(0.0, 0.15))
+        if proc.is_alive():
+            proc.kill()
+            kills += 1
+        proc.join()
+    assert kills >= 10  # most attempts were interrupted (the rest finished)
+    _bench(out, data=pie_data)
+    assert read_table(out / "metrics.csv") == read_table(reference / "metrics.csv")
+    assert records_without_timing(out) == records_without_timing(reference)
+    assert images_of(out) == images_of(reference)
+
+
+def test_partial_files_never_count_as_done(pie_data, reference, tmp_path):
+    """Truncated or empty records, half-written images and stray temporary files are redone, not trusted."""
+    out = tmp_path / "run"
+    _bench(out, data=pie_data)
+    ids = PieBench(pie_data).ids
+    records = out / "records"
+    full = (records / f"{ids[0]}.json").read_text()
+    (records / f"{ids[0]}.json").write_text(full[: len(full) // 2])  # cut mid-file
+    (records / f"{ids[1]}.json").write_text("")  # empty
+    (records / f"{ids[2]}.json").write_text(json.dumps({"image_id": ids[3]}))  # another image's id
+    (records / f"{ids[4]}.json").unlink()
+    (out / "edited" / f"{ids[4]}.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # an image cut by the kill
+    (records / f".{ids[5]}.json.12345.tmp").write_text('{"image_id": "x"')
+    (out / "metrics.csv").write_text("image_id,editing\n1")
+
+    done = {r["image_id"] for r in read_records(out)}  # readers skip what is not a complete record
+    assert done == {ids[3], ids[5]}
+    write_table(out)
+    assert len(read_table(out / "metrics.csv")) == 3
+
+    log = tmp_path / "calls.log"
+    _bench(out, log=log, data=pie_data)
+    assert len(log.read_text().splitlines()) == 4  # exactly the four images that were not complete
+    assert read_table(out / "metrics.csv") == read_table(reference / "metrics.csv")
+    assert records_without_timing(out) == records_without_timing(reference)
+    assert images_of(out) == images_of(reference)
+
+
+def test_two_processes_on_one_folder_do_not_corrupt_it(pie_data, reference, tmp_path):
+    """Two independent runs (no torchrun) on one folder: each image is done once, the table is complete."""
+    out, log = tmp_path / "run", tmp_path / "calls.log"
+    procs = [FORK.Process(target=_child, args=(pie_data, out, 0.05, log)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    prompts = Counter(line.split(" ", 1)[1] for line in log.read_text().splitlines())
+    assert sorted(prompts.values()) == [1] * 6, prompts  # nobody did an image twice
+    assert len({line.split()[0] for line in log.read_text().splitlines()}) == 2  # both worked
+    assert read_table(out / "metrics.csv") == read_table(reference / "metrics.csv")
+    assert records_without_timing(out) == records_without_timing(reference)
+
+
+def test_killed_cli_run_with_the_real_editor_resumes(pie_data, tiny_model, tmp_path):
+    """``diffinv bench`` on a tiny saved pipeline, killed twice mid-run, resumes to the uninterrupted table."""
+    argv = ["bench", "--data", str(pie_data), "--model", str(tiny_model), "--steps", "2", "--limit", "3"]
+    argv += ["--metrics", "psnr,mse", "--device", "cpu", "--no-progress", "--seed", "5"]
+    code, _, err = run_cli([*argv, "--out", str(tmp_path / "ref")])
+    assert code == 0, err
+    out = tmp_path / "run"
+    rng = random.Random(3)
+    for _ in range(2):
+        proc = FORK.Process(target=run_cli, args=([*argv, "--out", str(out)],))
+        proc.start()
+        deadline = time.time() + 60
+        while time.time() < deadline and not (out / "config.json").exists():
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.kill()
+        proc.join()
+    code, _, err = run_cli([*argv, "--out", str(out)])
+    assert code == 0, err
+    assert read_table(out / "metrics.csv") == read_table(tmp_path / "ref" / "metrics.csv")
+    assert images_of(out) == images_of(tmp_path / "ref")
