@@ -113,6 +113,10 @@ class _Loop:
         divergence_limit: float | None,
         progress: bool | str,
     ):
+        if divergence_limit is not None and not (
+            isinstance(divergence_limit, (int, float)) and 0 < divergence_limit < math.inf
+        ):  # NaN would flag every step, inf would let inf through
+            raise ValueError(f"divergence_limit must be a positive finite number or None, got {divergence_limit!r}")
         self.solver, self.grid, self.field = solver, grid, field
         self.callback, self.limit, self.progress = callback, divergence_limit, progress
 
