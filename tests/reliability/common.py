@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import struct
 import time
 import zlib
 from pathlib import Path
@@ -79,6 +80,17 @@ def images_of(run_dir: str | Path) -> dict[str, bytes]:
     """The bytes of every edited and reconstructed image of a run."""
     root = Path(run_dir)
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted([*root.glob("edited/*"), *root.glob("recon/*")])}
+
+
+def bomb_png(width: int = 40000, height: int = 40000) -> bytes:
+    """A PNG header announcing a ``width`` x ``height`` image (a decompression bomb as far as Pillow can tell)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1)))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + body + chunk(b"IEND", b"")
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:

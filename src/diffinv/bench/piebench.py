@@ -56,7 +56,7 @@ def decode_mask(rle: Sequence[int], height: int, width: int, border: bool = True
     length = height * width
     starts, runs = values[0::2], values[1::2]
     if starts.size and starts.max() >= length:
-        bad = int(starts.max())
+        bad = max(rle[0::2])
         raise ValueError(f"RLE run starts at pixel {bad}, outside a {height}x{width} mask ({length} pixels)")
     ends = np.minimum(starts + runs, length)
     delta = np.zeros(length + 1, dtype=np.int64)
@@ -77,6 +77,11 @@ def encode_mask(mask: np.ndarray) -> list[int]:
     return [int(v) for pair in zip(starts, ends - starts) for v in pair]
 
 
+_HUGE = 2**62
+# What Pillow raises on a file it cannot decode (DecompressionBombError: over Image.MAX_IMAGE_PIXELS pixels).
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
 def _check_rle(rle: Any) -> np.ndarray:
     if not isinstance(rle, (list, tuple)):
         raise ValueError(f"mask must be a list of integers, got {type(rle).__name__}")
@@ -84,10 +89,10 @@ def _check_rle(rle: Any) -> np.ndarray:
         raise ValueError("mask must hold only integers")
     if len(rle) % 2:
         raise ValueError(f"mask RLE must have an even length (start, length pairs), got {len(rle)} numbers")
-    values = np.asarray(rle, dtype=np.int64).reshape(-1)
-    if values.size and values.min() < 0:
-        raise ValueError(f"mask RLE holds a negative number ({int(values.min())})")
-    return values
+    if any(v < 0 for v in rle):
+        raise ValueError(f"mask RLE holds a negative number ({min(rle)})")
+    # Beyond any image: clamp so that start + length cannot overflow int64 (runs are clipped anyway).
+    return np.asarray([min(v, _HUGE) for v in rle], dtype=np.int64).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ class PieRecord:
         try:
             with Image.open(self.image_path) as im:
                 return im.convert("RGB")
-        except OSError as err:
+        except _IMAGE_ERRORS as err:
             raise ValueError(f"record {self.id}: cannot read image {self.image_path}: {err}") from None
 
     def image_size(self) -> tuple[int, int]:
@@ -121,7 +126,7 @@ class PieRecord:
         try:
             with Image.open(self.image_path) as im:
                 return im.size
-        except OSError as err:
+        except _IMAGE_ERRORS as err:
             raise ValueError(f"record {self.id}: cannot read image {self.image_path}: {err}") from None
 
     def mask(self) -> np.ndarray:
