@@ -49,7 +49,9 @@ def _open(path: str | Path) -> Image.Image:
         with Image.open(p) as img:
             img.load()
             return ImageOps.exif_transpose(img) or img
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except Image.DecompressionBombError as err:  # over Image.MAX_IMAGE_PIXELS: refuse before decoding
+        raise ValueError(f"cannot read image {p}: {err} (raise PIL.Image.MAX_IMAGE_PIXELS if you trust it)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise ValueError(f"cannot read image {p}: {err}") from None
 
 
