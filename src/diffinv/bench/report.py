@@ -72,8 +72,10 @@ def load_run(path: str | Path) -> Run:
     try:
         stored = json.loads(config_path.read_text(encoding="utf-8"))
         config = stored["config"]
-    except (json.JSONDecodeError, KeyError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{config_path} is not a diffinv run configuration ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a diffinv run configuration (config is not an object)")
     return Run(path, path.name, config, stored.get("data"), read_records(path))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import io
 import json
 import math
@@ -37,11 +38,23 @@ import torch
 from PIL import Image
 
 from ..metrics import METRICS, MetricSuite, parse_metrics
+from ..schedules import SPACINGS
+from ..smoothing import parse_smoothing
 from ..solve import SolverDivergence
+from ..solvers import get_solver
 from .piebench import PieBench, PieRecord
 from .presets import PROMPT_RULES, prompt_pairs
 
-__all__ = ["COLUMNS", "EditorLike", "RunConfig", "load_editor", "read_records", "run_bench", "write_table"]
+__all__ = [
+    "COLUMNS",
+    "EditorLike",
+    "RunConfig",
+    "check_device",
+    "load_editor",
+    "read_records",
+    "run_bench",
+    "write_table",
+]
 
 COLUMNS = ("image_id", "editing_type_id", *METRICS, "diverged")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
@@ -84,6 +97,17 @@ class RunConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of auto, {', '.join(DTYPES)}")
         if self.prompts not in PROMPT_RULES:
             raise ValueError(f"unknown prompt rule {self.prompts!r}; choose one of {', '.join(PROMPT_RULES)}")
+        for name in ("guidance", "inversion_guidance"):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+            if value is not None and not ok:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {self.spacing!r}; choose one of {', '.join(SPACINGS)}")
+        get_solver(self.solver, **(self.solver_options or {}))  # unknown solver or bad option: ValueError
+        parse_smoothing(self.smoothing)
         self.metrics = list(parse_metrics(self.metrics))
         self.smoothing = list(self.smoothing or [])
         self.solver_options = dict(self.solver_options or {})
@@ -102,6 +126,10 @@ def load_editor(config: RunConfig, device: torch.device) -> EditorLike:
     """The default editor factory: ``diffinv.Editor.from_pretrained`` with the run's settings."""
     from ..editor import Editor
 
+    accepted = set(inspect.signature(Editor.__init__).parameters) - {"self", "pipe", "device", "dtype"}
+    unknown = sorted(set(config.editor_options) - accepted)
+    if unknown:
+        raise ValueError(f"unknown editor option {unknown[0]!r}; accepted: {', '.join(sorted(accepted))}")
     options: dict[str, Any] = {
         "solver": config.solver,
         "solver_options": config.solver_options or None,
@@ -246,8 +274,23 @@ class _Process:
     barrier: Callable[[], None]
 
 
+def check_device(device: str | torch.device | None) -> None:
+    """Raise ``ValueError`` unless ``device`` is None or a device torch knows and this machine has."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} is not available here")
+
+
 def _process(device: str | None) -> _Process:
     """This process's rank, the number of processes and its device, from Accelerate's ``PartialState``."""
+    check_device(device)
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and device is not None:
         return _Process(0, 1, torch.device(device), lambda: None)
@@ -298,14 +341,22 @@ def run_bench(
     if config.dtype == "auto":
         config = RunConfig.from_dict({**config.to_dict(), "dtype": "fp16" if proc.device.type == "cuda" else "fp32"})
     run_dir = Path(out)
-    for sub in ("edited", "recon", "records", "locks"):
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    _claim_config(run_dir, config, dataset.root)
+    if (run_dir / CONFIG_FILE).exists():
+        _claim_config(run_dir, config, dataset.root)  # a different configuration is refused before any work
 
     shard = [r for r in records[proc.rank :: proc.world] if _load_record(run_dir / "records" / f"{r.id}.json") is None]
     if shard:
+        # Built before the folder is claimed: a configuration the editor refuses (a typo in a solver option,
+        # a missing model) must not leave behind a run folder that holds it.
         editor = editor_factory(config, proc.device)
         suite = metrics if metrics is not None else MetricSuite(config.metrics, device=proc.device)
+    try:
+        for sub in ("edited", "recon", "records", "locks"):
+            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create run folder {run_dir}: {err.strerror or err}") from None
+    _claim_config(run_dir, config, dataset.root)
+    if shard:
         _run_shard(config, shard, prompts, run_dir, editor, suite, progress and proc.rank == 0, proc.world)
     proc.barrier()
     table = run_dir / TABLE_FILE

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
         reference_steps=args.reference_steps,
     )
     config.check()
+    try:  # before the run, not after it
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create output folder {args.out}: {err.strerror or err}") from None
     start = time.perf_counter()
     with torch.inference_mode():
         result = run_demo(config, progress=not args.no_progress)
