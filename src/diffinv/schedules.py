@@ -97,15 +97,18 @@ class NoiseSchedule:
 
     @classmethod
     def from_scheduler(cls, scheduler: Any) -> NoiseSchedule:
-        """Schedule from a diffusers scheduler instance (uses its ``alphas_cumprod``)."""
+        """Schedule from a diffusers scheduler instance (uses its ``alphas_cumprod``).
+
+        A scheduler without ``alphas_cumprod`` (flow matching, EDM) has no variance-preserving schedule to
+        invert: ``ValueError``, rather than a schedule guessed from default betas.
+        """
         abar = getattr(scheduler, "alphas_cumprod", None)
         if abar is None:
-            config = getattr(scheduler, "config", None)
-            if config is None:
-                raise ValueError(
-                    f"{type(scheduler).__name__} has neither alphas_cumprod nor a config to build a schedule from"
-                )
-            return cls.from_config(config)
+            raise ValueError(
+                f"{type(scheduler).__name__} has no alphas_cumprod: diffinv needs a DDPM-type (variance-preserving)"
+                " noise schedule, e.g. a model trained with DDPMScheduler/DDIMScheduler; flow-matching and EDM"
+                " schedulers are not supported"
+            )
         return cls(abar)
 
     # -- the maps -----------------------------------------------------------------------------
