@@ -170,10 +170,12 @@ def test_lora_files_load_only_tensors(tmp_path):
     unet = tiny_unet()
     good = tmp_path / "lora.bin"
     torch.save(_old_format_lora(unet), good)
-    assert load_lora(unet, good)
+    with pytest.raises(ValueError, match="allow_pickle"):  # pickles only on request
+        load_lora(unet, good)
+    assert load_lora(unet, good, allow_pickle=True)
     evil = tmp_path / "evil.bin"
     torch.save({"x": ValueError("not a tensor")}, evil)  # unpickling needs more than tensors
     with pytest.raises(ValueError, match="cannot read LoRA file"):
-        load_lora(unet, evil)
+        load_lora(unet, evil, allow_pickle=True)
     with pytest.raises(ValueError, match="not found"):
         load_lora(unet, tmp_path / "missing.safetensors")

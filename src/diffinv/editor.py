@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .devices import check_device
 from .fields import EpsModel, as_eps_model
 from .images import RESIZE_MODES, ImageLike, load_image, pil_to_tensor, tensor_to_pil
 from .schedules import NoiseSchedule, make_grid
@@ -167,6 +168,7 @@ class Editor:
     ``"proximal"``, ``"smooth-lora"``; ``proximal``: :class:`ProximalGuidance` options;
     ``lora``/``lora_scale``/``lora_merge``: the Smooth-Diffusion LoRA source, strength, and whether it is
     merged into the UNet's weights (default) or applied by forward hooks (``editor.lora_hooks.remove()`` undoes it).
+    ``allow_pickle``: accept a pickled LoRA checkpoint (loaded as tensors only); default: safetensors only.
     ``dtype``/``device``: move the pipeline; ``solver_dtype``: the solver state's dtype.
     ``size``: ``(height, width)`` of the model input (default: the model's native size) and ``resize``
     how images are fitted to it (:mod:`diffinv.images`). ``progress``: tqdm bars per phase.
@@ -186,6 +188,7 @@ class Editor:
         lora: str | Path | dict[str, Tensor] | None = None,
         lora_scale: float = 1.0,
         lora_merge: bool = True,
+        allow_pickle: bool = False,
         strength: float = 1.0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -255,7 +258,8 @@ class Editor:
         self.lora_hooks = None
         self.lora_scale = _check_number("lora_scale", lora_scale)
         if "smooth-lora" in self.smoothing:
-            applied = load_lora(self.unet, SMOOTH_LORA_ID if lora is None else lora, self.lora_scale, merge=lora_merge)
+            source = SMOOTH_LORA_ID if lora is None else lora
+            applied = load_lora(self.unet, source, self.lora_scale, merge=lora_merge, allow_pickle=allow_pickle)
             self.lora_hooks = None if isinstance(applied, list) else applied
             self.lora_layers = applied if isinstance(applied, list) else applied.layers
 
@@ -267,26 +271,35 @@ class Editor:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         variant: str | None = None,
+        allow_pickle: bool = False,
         **editor_options: Any,
     ) -> Editor:
         """Load an SD 1.x/2.x or SDXL pipeline (hub id or local folder) and wrap it.
 
         The pipeline class comes from ``model_index.json``'s ``_class_name``. Defaults: ``device`` CUDA
-        when available, else CPU; ``dtype`` float16 on CUDA, float32 elsewhere.
+        when available, else CPU; ``dtype`` float16 on CUDA, float32 elsewhere. Weights load from
+        safetensors only, unless ``allow_pickle`` (then diffusers may fall back to ``.bin`` files, which it
+        reads with ``torch.load(weights_only=True)``; a pickled LoRA is accepted as well).
         """
+        check_device(device)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype is None:
             dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
         pipe_cls = _pipeline_class(model)
-        kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        kwargs: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": None if allow_pickle else True}
         if variant is not None:
             kwargs["variant"] = variant
         if pipe_cls.__name__ == "StableDiffusionPipeline":
             kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe = pipe_cls.from_pretrained(str(model), **kwargs)
+        try:
+            pipe = pipe_cls.from_pretrained(str(model), **kwargs)
+        except OSError as err:  # a missing weights file (diffusers' EnvironmentError)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            hint = "; if it has only pickled (.bin) weights and you trust it: allow_pickle=True (--allow-pickle)"
+            raise ValueError(f"cannot load model {model}: {first}{'' if allow_pickle else hint}") from None
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, device=device, **editor_options)
+        return cls(pipe, device=device, allow_pickle=allow_pickle, **editor_options)
 
     # -- the model -----------------------------------------------------------------------------
     @property

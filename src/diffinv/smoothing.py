@@ -212,8 +212,10 @@ def lora_pairs(state_dict: dict[str, Tensor], unet: nn.Module) -> list[LoraPair]
             what = "no such module" if module is None else f"a {type(module).__name__}, not a Linear layer"
             raise ValueError(f"LoRA key {first!r}: the UNet has {what} at {name!r}")
         (dkey, down), (ukey, up) = got["down"], got["up"]
-        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
-            raise ValueError(f"LoRA key {dkey!r}: down {tuple(down.shape)} and up {tuple(up.shape)} do not chain")
+        # The key at fault first: a size that does not fit the layer, then a rank the pair does not share.
+        for key, value, what in ((dkey, down, "down"), (ukey, up, "up")):
+            if value.dim() != 2:
+                raise ValueError(f"LoRA key {key!r}: a {what} weight must be a matrix, got shape {tuple(value.shape)}")
         if down.shape[1] != module.in_features:
             raise ValueError(
                 f"LoRA key {dkey!r}: shape {tuple(down.shape)} does not fit {name} ({module.in_features} in)"
@@ -222,6 +224,8 @@ def lora_pairs(state_dict: dict[str, Tensor], unet: nn.Module) -> list[LoraPair]
             raise ValueError(
                 f"LoRA key {ukey!r}: shape {tuple(up.shape)} does not fit {name} ({module.out_features} out)"
             )
+        if down.shape[0] != up.shape[1]:
+            raise ValueError(f"LoRA key {dkey!r}: down {tuple(down.shape)} and up {tuple(up.shape)} do not chain")
         if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
             raise ValueError(f"LoRA key {dkey!r}: weights contain NaN or inf")
         rank = down.shape[0]
@@ -242,13 +246,26 @@ def merge_lora(unet: nn.Module, pairs: Sequence[LoraPair], scale: float = 1.0) -
         weight.data.copy_((weight.data.to(work) + delta).to(weight.dtype))  # outside any autograd graph
 
 
-def read_lora_file(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a LoRA file: ``.safetensors``, or a torch file loaded with ``weights_only=True``."""
+def read_lora_file(path: str | Path, allow_pickle: bool = False) -> dict[str, Tensor]:
+    """Tensors of a LoRA file: safetensors, or with ``allow_pickle`` a torch pickle loaded with ``weights_only=True``.
+
+    Without ``allow_pickle`` a pickled checkpoint (``.bin``, ``.pt``) is refused before it is opened; with it,
+    only tensors and plain containers are unpickled (never arbitrary objects).
+    """
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"LoRA file not found: {p}")
+    with open(p, "rb") as f:
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    is_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if not is_safetensors and not allow_pickle:
+        raise ValueError(
+            f"LoRA file {p} is not a safetensors file; a pickled checkpoint loads only with allow_pickle=True "
+            "(diffinv edit --allow-pickle), and then as tensors only (torch.load weights_only=True)"
+        )
     try:
-        if p.suffix == ".safetensors":
+        if is_safetensors:
             from safetensors.torch import load_file
 
             return load_file(str(p), device="cpu")
@@ -326,16 +343,18 @@ def load_lora(
     source: str | Path | dict[str, Tensor] = SMOOTH_LORA_ID,
     scale: float = 1.0,
     merge: bool = True,
+    allow_pickle: bool = False,
 ) -> list[str] | LoraHooks:
     """Apply a LoRA (file, folder, hub id or state dict) to ``unet`` with strength ``scale``.
 
     Every key and shape is checked before anything changes. ``merge=True`` adds the update to the
     weights and returns the names of the changed layers; ``merge=False`` leaves the weights alone and
-    returns the :class:`LoraHooks` that apply it at run time (and can remove it).
+    returns the :class:`LoraHooks` that apply it at run time (and can remove it). ``allow_pickle``: accept a
+    pickled checkpoint (see :func:`read_lora_file`).
     """
     if not math.isfinite(float(scale)):
         raise ValueError(f"LoRA scale must be finite, got {scale!r}")
-    state = source if isinstance(source, dict) else read_lora_file(_resolve_lora(source))
+    state = source if isinstance(source, dict) else read_lora_file(_resolve_lora(source), allow_pickle)
     pairs = lora_pairs(state, unet)
     if not merge:
         return LoraHooks(unet, pairs, float(scale))

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..devices import check_device
 from ..metrics import METRICS, MetricSuite, parse_metrics
 from ..schedules import SPACINGS
 from ..smoothing import parse_smoothing
@@ -49,7 +50,6 @@ __all__ = [
     "COLUMNS",
     "EditorLike",
     "RunConfig",
-    "check_device",
     "load_editor",
     "read_records",
     "run_bench",
@@ -272,20 +272,6 @@ class _Process:
     world: int
     device: torch.device
     barrier: Callable[[], None]
-
-
-def check_device(device: str | torch.device | None) -> None:
-    """Raise ``ValueError`` unless ``device`` is None or a device torch knows and this machine has."""
-    if device is None:
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1, mps)") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"device {device!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r} is not available here")
 
 
 def _process(device: str | None) -> _Process:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+from ..devices import check_device
 from ..images import check_output_path, image_grid, load_image, save_image
 from ..schedules import SPACINGS
 from ..smoothing import SMOOTHINGS
@@ -43,6 +45,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lora", default=None, help="Smooth-Diffusion LoRA file or hub id (implies smooth-lora)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1)")
     p.add_argument("--lora-unmerged", action="store_true", help="apply the LoRA by forward hooks instead of merging it")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickled (.bin/.pt) model and LoRA weights, loaded as tensors only (default: safetensors only)",
+    )
     p.add_argument("--resize", choices=("crop", "pad", "stretch"), default="crop", help="fit rule (default crop)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default fp16 on CUDA, else fp32)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
@@ -94,6 +101,16 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lora-scale must be finite, got {args.lora_scale}")
 
 
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and check that files can be written in it, before any model is loaded."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create output folder {folder}: {err.strerror or err}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {folder} is not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -109,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     for p in [*paths, *([grid_path] if args.grid else [])]:
         if p.resolve() == image.resolve():
             raise ValueError(f"output {p} would overwrite the input image")
+        _check_writable(p.parent)
+    check_device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype or "")
     generator = None
     if args.seed is not None:
@@ -135,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
             lora=args.lora,
             lora_scale=args.lora_scale,
             lora_merge=not args.lora_unmerged,
+            allow_pickle=args.allow_pickle,
             resize=args.resize,
             progress=not args.no_progress,
         )
