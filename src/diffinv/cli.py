@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _commands(parser: argparse.ArgumentParser) -> list[str]:
+    """The subcommand names of ``parser``."""
+    return [name for action in parser._subparsers._group_actions for name in action.choices]
+
+
 def _version() -> str:
     from . import __version__
 
@@ -57,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
-        parser.print_help(sys.stderr)
+        print(f"error: give a command: {', '.join(sorted(_commands(parser)))} (see 'diffinv --help')", file=sys.stderr)
         return 2
     try:
         return int(args.func(args) or 0)
