@@ -92,7 +92,7 @@ def test_partial_files_never_count_as_done(pie_data, reference, tmp_path):
 def test_two_processes_on_one_folder_do_not_corrupt_it(pie_data, reference, tmp_path):
     """Two independent runs (no torchrun) on one folder: each image is done once, the table is complete."""
     out, log = tmp_path / "run", tmp_path / "calls.log"
-    procs = [FORK.Process(target=_child, args=(pie_data, out, 0.05, log)) for _ in range(2)]
+    procs = [FORK.Process(target=_child, args=(pie_data, out, 0.1, log)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,6 +117,21 @@ def test_edit_refuses_bad_input_before_loading_a_model(files, image, extra, mess
     line = assert_one_line_error(code, err, 2)
     assert __import__("re").search(message, line), line
     assert out == ""
+
+
+def test_edit_refuses_an_unwritable_output_folder(files, tmp_path, monkeypatch):
+    """(Root may write anywhere, so the permission answer is simulated.)"""
+    import os
+
+    import diffinv.commands.edit as edit_command
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(edit_command.os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
+    monkeypatch.setattr(diffinv.Editor, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    code, _, err = run_cli(_edit(files / "photo.png", "--out", str(locked / "x.png"), model=tmp_path))
+    assert f"output folder {locked} is not writable" in assert_one_line_error(code, err, 2)
 
 
 def test_edit_refuses_bad_models(files, tiny_model, broken_models, tmp_path):
