@@ -77,9 +77,11 @@ def records_without_timing(run_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def images_of(run_dir: str | Path) -> dict[str, bytes]:
-    """The bytes of every edited and reconstructed image of a run."""
+    """The bytes of every edited and reconstructed image of a run (not the hidden temporary files of a writer
+    killed mid-write, which stay behind but never count)."""
     root = Path(run_dir)
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted([*root.glob("edited/*"), *root.glob("recon/*")])}
+    paths = [p for p in [*root.glob("edited/*.png"), *root.glob("recon/*.png")] if not p.name.startswith(".")]
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(paths)}
 
 
 def bomb_png(width: int = 40000, height: int = 40000) -> bytes:

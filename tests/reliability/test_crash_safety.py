@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import random
+import threading
 import time
 from collections import Counter
 
@@ -37,8 +39,34 @@ def reference(pie_data, tmp_path_factory):
     return out
 
 
+def _own_locks() -> None:
+    """In a forked child: a private tqdm lock. tqdm's default lock is a multiprocessing semaphore that a fork
+    shares with the parent, so a child killed while holding it (every bar, even a disabled one, takes it)
+    would leave the parent waiting forever: an artifact of forking in a test, not of separate processes."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def _child(data, out, delay, log):
+    _own_locks()
     _bench(out, delay=delay, log=log, data=data)
+    os._exit(0)  # no exit handlers: a forked child must not wait on locks held by the parent's threads
+
+
+def _cli_child(argv):
+    _own_locks()
+    os._exit(run_cli(argv)[0])
+
+
+def _kill(proc) -> bool:
+    """SIGKILL ``proc`` if it still runs; True if it was killed."""
+    alive = proc.is_alive()
+    if alive:
+        proc.kill()
+    proc.join(30)
+    assert proc.exitcode is not None, "a child did not stop"
+    return alive
 
 
 def test_random_kills_resume_to_the_uninterrupted_table(pie_data, reference, tmp_path):
@@ -50,10 +78,7 @@ def test_random_kills_resume_to_the_uninterrupted_table(pie_data, reference, tmp
         proc = FORK.Process(target=_child, args=(pie_data, out, 0.05, log))  # six images: >= 0.3 s
         proc.start()
         time.sleep(rng.uniform(0.0, 0.15))
-        if proc.is_alive():
-            proc.kill()
-            kills += 1
-        proc.join()
+        kills += _kill(proc)
     assert kills >= 10  # most attempts were interrupted (the rest finished)
     _bench(out, data=pie_data)
     assert read_table(out / "metrics.csv") == read_table(reference / "metrics.csv")
@@ -97,7 +122,7 @@ def test_two_processes_on_one_folder_do_not_corrupt_it(pie_data, reference, tmp_
         p.start()
     for p in procs:
         p.join(timeout=60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert [p.exitcode for p in procs] == [0, 0]  # (None: still running after a minute, i.e. stuck)
     prompts = Counter(line.split(" ", 1)[1] for line in log.read_text().splitlines())
     assert sorted(prompts.values()) == [1] * 6, prompts  # nobody did an image twice
     assert len({line.split()[0] for line in log.read_text().splitlines()}) == 2  # both worked
@@ -114,14 +139,13 @@ def test_killed_cli_run_with_the_real_editor_resumes(pie_data, tiny_model, tmp_p
     out = tmp_path / "run"
     rng = random.Random(3)
     for _ in range(2):
-        proc = FORK.Process(target=run_cli, args=([*argv, "--out", str(out)],))
+        proc = FORK.Process(target=_cli_child, args=([*argv, "--out", str(out)],))
         proc.start()
         deadline = time.time() + 60
         while time.time() < deadline and not (out / "config.json").exists():
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 1.0))
-        proc.kill()
-        proc.join()
+        _kill(proc)
     code, _, err = run_cli([*argv, "--out", str(out)])
     assert code == 0, err
     assert read_table(out / "metrics.csv") == read_table(tmp_path / "ref" / "metrics.csv")
