@@ -526,7 +526,6 @@ def test_bad_options(name, opts, match):
         get_solver(name, **opts)
 
 
-
 def test_reversible_heun_edit_does_not_reuse_the_inversion_slope(mixture):
     """Reversible Heun caches f(s, z); an edit under another model must evaluate its own first slope."""
     from diffinv.solvers.reversible import ReversibleHeunState
