@@ -207,6 +207,11 @@ def tiny_unet(sample_size: int, dtype: torch.dtype = torch.float32) -> Any:
     return _tests_tiny().tiny_unet(sample_size=sample_size, dtype=dtype)
 
 
+def sd_ddim_scheduler() -> Any:
+    """SD 1.x's DDIMScheduler, as the tests build it."""
+    return _tests_tiny().sd_ddim_scheduler()
+
+
 def tiny_sd_pipe() -> Any:
     """The tests' tiny random StableDiffusionPipeline (64x64 images, 8x8 latents)."""
     return _tests_tiny().tiny_sd_pipe()

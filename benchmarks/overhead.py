@@ -17,6 +17,7 @@ from common import (
     latent,
     md_table,
     rel_err,
+    sd_ddim_scheduler,
     time_it,
     time_paired,
     tiny_unet,
@@ -134,16 +135,9 @@ def overhead_section(repeat_analytic: int, repeat_unet: int, sizes: tuple[int, .
 
 
 def _diffusers_schedulers(steps: int) -> tuple[Any, Any]:
-    from diffusers import DDIMInverseScheduler, DDIMScheduler
+    from diffusers import DDIMInverseScheduler
 
-    sched = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    sched = sd_ddim_scheduler()
     inverse = DDIMInverseScheduler.from_config(sched.config)
     sched.set_timesteps(steps)
     inverse.set_timesteps(steps)

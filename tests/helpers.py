@@ -6,23 +6,12 @@ import functools
 import math
 
 import numpy as np
-import pytest
 import torch
 from scipy.integrate import solve_ivp
 
 from diffinv.analytic import GaussianMixture
 from diffinv.fields import Field
 from diffinv.schedules import ContinuousScaledLinear, NoiseSchedule
-
-
-@pytest.fixture(autouse=False)
-def one_thread():
-    """Run a test on one torch thread: these tests make thousands of tiny-tensor calls, which intra-op
-    threading only slows down (badly so on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.cache

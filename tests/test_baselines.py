@@ -35,15 +35,6 @@ EXACT = [
 GRIDS = [(10, "lambda", None), (50, "time", None), (10, "time", 600.0), (50, "lambda", 400.0)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models are dominated by per-op overhead; extra threads only contend on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def mixture() -> GaussianMixture:
     g = torch.Generator().manual_seed(0)

@@ -17,7 +17,6 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from test_piebench import make_dataset
 
@@ -28,15 +27,6 @@ from diffinv.bench.runner import _image_lock
 from diffinv.cli import main
 
 HERE = Path(__file__).parent
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits crawl on a shared, loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class FakeEditor:

@@ -14,14 +14,6 @@ from diffinv.solvers import get_solver, list_solvers
 EXACT = [n for n in list_solvers() if get_solver(n).exact]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")

@@ -15,15 +15,6 @@ EXACT = [n for n in list_solvers() if get_solver(n).exact]
 F64 = {"dtype": torch.float64, "device": "cpu", "solver_dtype": torch.float64, "progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny UNet is latency-bound; several threads on a shared 2-core machine only contend.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Folders holding the tiny SD and SDXL pipelines (float32, as a user's download would be)."""

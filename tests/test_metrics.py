@@ -12,15 +12,6 @@ from PIL import Image
 from diffinv import metrics as M
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits crawl on a shared, loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(size=48, seed=0):
     from skimage import data
 

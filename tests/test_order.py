@@ -15,11 +15,10 @@ the smooth continuous-time schedule.
 import functools
 
 import pytest
-from helpers import (  # noqa: F401 - one_thread is a fixture
+from helpers import (
     fitted_slope,
     max_abs,
     mixture,
-    one_thread,
     reference_flow,
     sd_schedule,
     smooth_schedule,
@@ -27,8 +26,6 @@ from helpers import (  # noqa: F401 - one_thread is a fixture
 )
 
 import diffinv
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 0.3
 FORMS = ("t", "lambda-eps", "lambda-x", "sigma")

@@ -17,25 +17,17 @@ clean latent and maps timestep 0 -> 1.
 
 import pytest
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
-from helpers import max_abs, mixture, one_thread  # noqa: F401 - one_thread is a fixture
-from tiny import float64_copy, tiny_unet, tiny_unet_eps
+from diffusers import DDIMInverseScheduler
+from helpers import max_abs, mixture
+from tiny import float64_copy, sd_ddim_scheduler, tiny_unet, tiny_unet_eps
 
 import diffinv
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
 
 
 def _schedulers(steps: int):
-    sched = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    sched = sd_ddim_scheduler()
     inverse = DDIMInverseScheduler.from_config(sched.config)
     for s in (sched, inverse):
         s.alphas_cumprod = s.alphas_cumprod.to(F64)

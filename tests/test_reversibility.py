@@ -8,11 +8,10 @@ smaller steps (0.2 .. 0.05), where they are asymptotic in every form.
 
 import pytest
 import torch
-from helpers import (  # noqa: F401 - one_thread is a fixture
+from helpers import (
     fitted_slope,
     max_abs,
     mixture,
-    one_thread,
     sd_schedule,
     smooth_schedule,
     start_points,
@@ -21,8 +20,6 @@ from helpers import (  # noqa: F401 - one_thread is a fixture
 import diffinv
 from diffinv.fields import Field
 from diffinv.solvers import Grid
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAM0 = -1.0
 HS_HIGH = (0.4, 0.2, 0.1)  # reversal order >= 6

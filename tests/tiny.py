@@ -50,9 +50,23 @@ def tiny_unet_eps(unet, context: torch.Tensor, scale: float = 1.0):
     return eps
 
 
+def sd_ddim_scheduler():
+    """SD 1.x's DDIMScheduler as its shipped config sets it up (scaled_linear, no clipping, alpha_bar_0 at the end)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
 def tiny_sd_pipe(seed: int = 0):
     """A tiny StableDiffusionPipeline (64x64 images, 8x8 latents) with random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     unet = tiny_unet(seed)
@@ -84,14 +98,7 @@ def tiny_sd_pipe(seed: int = 0):
             projection_dim=32,
         )
     )
-    sched = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    sched = sd_ddim_scheduler()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
