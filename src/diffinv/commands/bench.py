@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import UsageError
+from . import parse_key_values
 
 
 def add_parser(sub: Any) -> None:
@@ -47,20 +48,6 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def parse_options(items: list[str], what: str) -> dict[str, Any]:
-    """``K=V`` strings to a dict; values parsed as JSON when they are JSON (numbers, true/false), else strings."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"{what} must look like KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def _csv_list(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
@@ -85,13 +72,13 @@ def run(args: argparse.Namespace) -> int:
     base = {
         "model": args.model,
         "solver": args.solver,
-        "solver_options": parse_options(args.solver_option, "--solver-option"),
+        "solver_options": parse_key_values(args.solver_option, "--solver-option"),
         "steps": args.steps,
         "spacing": args.spacing,
         "guidance": args.guidance,
         "inversion_guidance": args.inversion_guidance,
         "smoothing": args.smoothing,
-        "editor_options": parse_options(args.editor_option, "--editor-option"),
+        "editor_options": parse_key_values(args.editor_option, "--editor-option"),
         "dtype": args.dtype,
         "seed": args.seed,
         "prompts": args.prompts,

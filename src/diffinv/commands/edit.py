@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import math
 import os
 from pathlib import Path
@@ -14,6 +13,7 @@ from ..images import check_output_path, image_grid, load_image, save_image
 from ..schedules import SPACINGS
 from ..smoothing import SMOOTHINGS
 from ..solvers import get_solver
+from . import parse_key_values
 
 DTYPES = ("fp16", "bf16", "fp32")
 
@@ -60,21 +60,6 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def parse_solver_options(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings as a dict; values parsed as Python literals when possible."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--solver-option must be KEY=VALUE, got {item!r}")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        out[key.strip()] = value
-    return out
-
-
 def output_paths(image: Path, out: str | None, count: int) -> list[Path]:
     """Where the edits go: ``out`` (or ``<stem>_edit.png``), numbered ``_1``... for several targets."""
     base = Path(out) if out else image.with_name(f"{image.stem}_edit.png")
@@ -119,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     image = Path(args.image)
     load_image(image)  # fail fast on a missing or corrupt file, before loading a model
-    options = parse_solver_options(args.solver_option)
+    options = parse_key_values(args.solver_option, "--solver-option")
     get_solver(args.solver, **options)  # unknown solver or option: fail before loading a model
     paths = output_paths(image, args.out, len(args.target))
     grid_path = paths[0].with_name(f"{Path(args.out).stem if args.out else image.stem + '_edit'}_grid.png")
