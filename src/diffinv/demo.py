@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .analytic import ToyScenes
 from .schedules import NoiseSchedule, make_grid
@@ -246,30 +247,18 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> DemoRes
 def _run(config: DemoConfig, progress: bool) -> DemoResult:
     names = list(config.solvers) if config.solvers is not None else list_solvers()
     problem = _Edit(config)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(names) + 1, desc="demo", file=sys.stderr, leave=False)
-    try:
-        if bar is not None:
-            bar.set_postfix_str(f"reference ({REFERENCE}, {config.reference_steps} steps)")
+    with tqdm(total=len(names) + 1, desc="demo", file=sys.stderr, leave=False, disable=not progress) as bar:
+        bar.set_postfix_str(f"reference ({REFERENCE}, {config.reference_steps} steps)")
         reference = problem.measure("reference", get_solver(REFERENCE), "lambda", config.reference_steps)
         if reference.output is None:
             raise RuntimeError("the reference solve diverged; try a smaller --guidance")
         result = DemoResult(config, problem.scenes, problem.targets, problem.sources, reference)
-        if bar is not None:
-            bar.update()
+        bar.update()
         for name in names:
-            if bar is not None:
-                bar.set_postfix_str(name)
+            bar.set_postfix_str(name)
             solver = get_solver(name)
             result.runs.append(problem.measure(name, solver, solver_spacing(solver, config.grid), config.steps))
-            if bar is not None:
-                bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update()
     return result
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .fields import EpsModel, Field
 from .schedules import NoiseSchedule, make_grid
@@ -121,14 +122,9 @@ class _Loop:
         self.callback, self.limit, self.progress = callback, divergence_limit, progress
 
     def run(self, state: State, indices: range, backward: bool) -> State:
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            desc = self.progress if isinstance(self.progress, str) else ("invert" if backward else "generate")
-            bar = tqdm(total=len(indices), desc=desc, leave=False)
+        desc = self.progress if isinstance(self.progress, str) else ("invert" if backward else "generate")
         move = self.solver.backward_step if backward else self.solver.step
-        try:
+        with tqdm(total=len(indices), desc=desc, leave=False, disable=not self.progress) as bar:
             for n, k in enumerate(indices):
                 state = move(self.field, self.grid, k, state)
                 at = k if backward else k + 1
@@ -139,11 +135,7 @@ class _Loop:
                 if self.callback is not None:
                     new = self.callback(at, self.grid.t[at], state)
                     state = state if new is None else new
-                if bar is not None:
-                    bar.update()
-        finally:
-            if bar is not None:
-                bar.close()
+                bar.update()
         return state
 
 
