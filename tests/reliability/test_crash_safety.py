@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import random
-import threading
 import time
 from collections import Counter
 
@@ -17,7 +15,13 @@ from diffinv.bench import PieBench, RunConfig, read_records, run_bench, write_ta
 from .common import cheap_metrics, fake_factory, images_of, read_table, records_without_timing, run_cli
 
 CONFIG = RunConfig(model="fake", solver="ees27", metrics=["mse", "clip_whole"])
-FORK = multiprocessing.get_context("fork")
+
+# Children come from a forkserver, never from a fork of this process: a forked child shares the parent's
+# multiprocessing semaphores (tqdm keeps one per bar class, taken by every bar, even a disabled one), so a
+# child killed while holding one would hang the next progress bar of the whole test session. The server is
+# a fresh interpreter that imports this module once, so each child still starts in milliseconds.
+SERVER = multiprocessing.get_context("forkserver")
+SERVER.set_forkserver_preload([__name__])
 
 
 def _bench(out, delay=0.0, log=None, config=CONFIG, data=None):
@@ -39,24 +43,28 @@ def reference(pie_data, tmp_path_factory):
     return out
 
 
-def _own_locks() -> None:
-    """In a forked child: a private tqdm lock. tqdm's default lock is a multiprocessing semaphore that a fork
-    shares with the parent, so a child killed while holding it (every bar, even a disabled one, takes it)
-    would leave the parent waiting forever: an artifact of forking in a test, not of separate processes."""
-    from tqdm import tqdm
+@pytest.fixture(autouse=True)
+def _no_child_outlives_its_test():
+    yield
+    for proc in SERVER.active_children():
+        proc.kill()
+        proc.join(30)
 
-    tqdm.set_lock(threading.RLock())
+
+def _start(target, *args):
+    proc = SERVER.Process(target=target, args=args, daemon=True)
+    proc.start()
+    return proc
 
 
 def _child(data, out, delay, log):
-    _own_locks()
     _bench(out, delay=delay, log=log, data=data)
-    os._exit(0)  # no exit handlers: a forked child must not wait on locks held by the parent's threads
 
 
 def _cli_child(argv):
-    _own_locks()
-    os._exit(run_cli(argv)[0])
+    code = run_cli(argv)[0]
+    if code:
+        raise SystemExit(code)
 
 
 def _kill(proc) -> bool:
@@ -75,8 +83,7 @@ def test_random_kills_resume_to_the_uninterrupted_table(pie_data, reference, tmp
     rng = random.Random(7)
     kills = 0
     for _ in range(20):
-        proc = FORK.Process(target=_child, args=(pie_data, out, 0.05, log))  # six images: >= 0.3 s
-        proc.start()
+        proc = _start(_child, pie_data, out, 0.05, log)  # six images: >= 0.3 s
         time.sleep(rng.uniform(0.0, 0.15))
         kills += _kill(proc)
     assert kills >= 10  # most attempts were interrupted (the rest finished)
@@ -117,9 +124,7 @@ def test_partial_files_never_count_as_done(pie_data, reference, tmp_path):
 def test_two_processes_on_one_folder_do_not_corrupt_it(pie_data, reference, tmp_path):
     """Two independent runs (no torchrun) on one folder: each image is done once, the table is complete."""
     out, log = tmp_path / "run", tmp_path / "calls.log"
-    procs = [FORK.Process(target=_child, args=(pie_data, out, 0.1, log)) for _ in range(2)]
-    for p in procs:
-        p.start()
+    procs = [_start(_child, pie_data, out, 0.1, log) for _ in range(2)]
     for p in procs:
         p.join(timeout=60)
     assert [p.exitcode for p in procs] == [0, 0]  # (None: still running after a minute, i.e. stuck)
@@ -139,8 +144,7 @@ def test_killed_cli_run_with_the_real_editor_resumes(pie_data, tiny_model, tmp_p
     out = tmp_path / "run"
     rng = random.Random(3)
     for _ in range(2):
-        proc = FORK.Process(target=_cli_child, args=([*argv, "--out", str(out)],))
-        proc.start()
+        proc = _start(_cli_child, [*argv, "--out", str(out)])
         deadline = time.time() + 60
         while time.time() < deadline and not (out / "config.json").exists():
             time.sleep(0.02)
