@@ -88,6 +88,7 @@ def test_random_kills_resume_to_the_uninterrupted_table(pie_data, reference, tmp
         kills += _kill(proc)
     assert kills >= 10  # most attempts were interrupted (the rest finished)
     _bench(out, data=pie_data)
+    assert sorted(p.name for p in out.rglob("*.tmp")) == []  # what killed writers left is gone
     assert read_table(out / "metrics.csv") == read_table(reference / "metrics.csv")
     assert records_without_timing(out) == records_without_timing(reference)
     assert images_of(out) == images_of(reference)
@@ -105,6 +106,7 @@ def test_partial_files_never_count_as_done(pie_data, reference, tmp_path):
     (records / f"{ids[2]}.json").write_text(json.dumps({"image_id": ids[3]}))  # another image's id
     (records / f"{ids[4]}.json").unlink()
     (out / "edited" / f"{ids[4]}.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # an image cut by the kill
+    (out / "recon" / f".{ids[4]}.png.12345.tmp").write_bytes(b"\x89PNG")  # and the next file it was writing
     (records / f".{ids[5]}.json.12345.tmp").write_text('{"image_id": "x"')
     (out / "metrics.csv").write_text("image_id,editing\n1")
 
@@ -116,6 +118,7 @@ def test_partial_files_never_count_as_done(pie_data, reference, tmp_path):
     log = tmp_path / "calls.log"
     _bench(out, log=log, data=pie_data)
     assert len(log.read_text().splitlines()) == 4  # exactly the four images that were not complete
+    assert not (out / "recon" / f".{ids[4]}.png.12345.tmp").exists()  # a redone image's leftovers are deleted
     assert read_table(out / "metrics.csv") == read_table(reference / "metrics.csv")
     assert records_without_timing(out) == records_without_timing(reference)
     assert images_of(out) == images_of(reference)

@@ -11,8 +11,11 @@ A run folder holds::
                          (and locks/metrics.lock, so that they rewrite the table one at a time)
     metrics.csv          every record, one row per image, rebuilt from records/
 
-Resuming: images whose record exists are skipped; a crash between the PNGs and the record only redoes that
-image. Several processes (``accelerate launch -m diffinv bench ...``, or ``torchrun``) each take the
+Every file is written to a hidden ``.<name>.<pid>.tmp`` and renamed into place. Resuming: images whose record
+exists are skipped; a crash between the PNGs and the record only redoes that image, and the temporary files
+a killed writer left are deleted when the image (or the table) is next written, under its lock.
+
+Several processes (``accelerate launch -m diffinv bench ...``, or ``torchrun``) each take the
 selected images ``rank::world_size``; the main process writes ``metrics.csv`` once all are done. Metrics
 compare the edit with the data set's image at the data set's resolution (an edit of another size, e.g.
 SDXL's 1024², is resized with bicubic filtering first).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import inspect
 import io
 import json
@@ -159,6 +163,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _remove_leftovers(path: Path) -> None:
+    """Delete the temporary files that killed writers of ``path`` left behind (see :func:`_atomic_write`).
+
+    Call it only where no live process can be writing ``path``: under the lock that guards it.
+    """
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -192,6 +205,7 @@ def _claim_config(run_dir: Path, config: RunConfig, data: Path) -> None:
     if diff:
         what = "; ".join(f"{k}: run has {stored.get(k)!r}, asked {wanted[k]!r}" for k in diff)
         raise ValueError(f"run folder {run_dir} holds a different configuration ({what}); use another --out")
+    _remove_leftovers(path)  # safe once the file exists: a claim that loses its file to this finds the winner's
 
 
 @contextlib.contextmanager
@@ -259,6 +273,7 @@ def write_table(run_dir: str | Path) -> Path:
         writer.writerow(COLUMNS)
         for record in read_records(run_dir):
             writer.writerow([_cell(record.get(c)) for c in COLUMNS])
+        _remove_leftovers(path)
         _atomic_write(path, buf.getvalue().encode("utf-8"))
     return path
 
@@ -369,6 +384,8 @@ def _run_shard(
             done = run_dir / "records" / f"{record.id}.json"
             with _image_lock(run_dir / "locks" / f"{record.id}.lock") as mine:
                 if mine and _load_record(done) is None:  # another process may have finished it meanwhile
+                    for folder, suffix in (("edited", ".png"), ("recon", ".png"), ("records", ".json")):
+                        _remove_leftovers(run_dir / folder / f"{record.id}{suffix}")
                     _run_one(config, record, prompts[record.id], run_dir, editor, suite)
             bar.update(1)
     finally:
