@@ -202,7 +202,12 @@ def test_two_processes_equal_one_and_kill_9_resume(data, tmp_path):
             "MASTER_PORT": str(port),
         }
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:  # a stuck rank must not outlive the test
+        for p in procs:
+            p.kill()
+            p.wait()
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert read_table(tmp_path / "two" / "metrics.csv") == read_table(reference)
     ranks = [line.split()[0] for line in log.read_text().splitlines()]
