@@ -7,6 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from helpers import sd_schedule, smooth_schedule
 
+import diffinv
 from diffinv.schedules import SPACINGS, ContinuousScaledLinear, NoiseSchedule, check_grid, make_grid
 
 F64 = torch.float64
@@ -178,3 +179,18 @@ def test_out_of_range_maps_raise():
             sched.timestep_of_lam(bad)
     with pytest.raises(ValueError, match="lambda outside"):
         smooth_schedule().timestep_of_lam(-10.0)
+
+
+def test_auto_spacing_is_each_solvers_reference_grid():
+    """``spacing="auto"``: DDIM-family and exactly reversible solvers on "time", Runge-Kutta methods on "lambda"."""
+    from diffinv.solvers import resolve_spacing
+
+    time_grid = {"ddim", "dpmpp_2m", "edict", "bdia", "belm", "reversible_heun", "mf", "rex"}
+    for name in diffinv.list_solvers():
+        expected = "time" if name in time_grid else "lambda"
+        assert resolve_spacing(name) == expected, name
+        assert resolve_spacing(diffinv.get_solver(name), "auto") == expected, name
+        for explicit in ("lambda", "time", "sigma"):
+            assert resolve_spacing(name, explicit) == explicit
+    with pytest.raises(ValueError, match="unknown spacing"):
+        resolve_spacing("ees27", "uniform")

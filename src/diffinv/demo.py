@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .analytic import ToyScenes
 from .schedules import NoiseSchedule, make_grid
 from .solve import SolverDivergence, generate, invert
-from .solvers import Solver, get_solver, list_solvers
+from .solvers import Solver, get_solver, list_solvers, resolve_spacing
 
 __all__ = [
     "COLUMNS",
@@ -58,8 +58,6 @@ EDIT_COLUMNS = ["solver", "target", "background_psnr", "align_loglik", "align_ac
 PIXEL_RANGE = 2.0  # toy pixels live in about [-1, 1]
 REFERENCE = "rk4"
 GRIDS = ("auto", "lambda", "time")
-# Solvers with a discrete-grid tradition (DDIM-style updates between diffusers timesteps).
-TIME_GRID_SOLVERS = ("ddim", "dpmpp_2m")
 
 
 @dataclass
@@ -95,16 +93,10 @@ class DemoConfig:
 
 
 def solver_spacing(solver: Solver, grid: str = "auto") -> str:
-    """The grid a solver runs on in the demo.
-
-    ``auto``: exactly reversible solvers and the DDIM-family multistep methods (``ddim``, ``dpmpp_2m``)
-    use the time-uniform diffusers grid their reference implementations use
-    (``linspace(0, T, steps + 1).round()``); Runge-Kutta methods (EES, Heun, RK4, ...) the lambda-uniform
-    grid of the paper.
-    """
-    if grid != "auto":
-        return grid
-    return "time" if solver.exact or solver.name in TIME_GRID_SOLVERS else "lambda"
+    """The grid a solver runs on in the demo: ``grid``, or for ``"auto"`` the solver's reference grid
+    (:func:`diffinv.solvers.resolve_spacing`: exactly reversible and DDIM-family methods on the time grid
+    ``linspace(0, T, steps + 1).round()``, Runge-Kutta methods on the lambda-uniform grid of the paper)."""
+    return resolve_spacing(solver, grid)
 
 
 def grid_timesteps(schedule: NoiseSchedule, steps: int, spacing: str) -> Tensor:

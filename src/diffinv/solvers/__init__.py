@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from ..schedules import SPACINGS
 from ..tableaux import EES25, EES27, EULER, HEUN, MIDPOINT, RALSTON, RK4, Tableau, ees25, ees27
 from .base import Grid, Solver, State
 from .coupled import BDIA, BELM, EDICT
@@ -19,6 +20,7 @@ __all__ = [
     "DDIM",
     "EDICT",
     "SOLVERS",
+    "SPACING_CHOICES",
     "DPMSolverPP2M",
     "ExplicitRK",
     "Grid",
@@ -29,7 +31,11 @@ __all__ = [
     "State",
     "get_solver",
     "list_solvers",
+    "resolve_spacing",
 ]
+
+# What users may ask for: a grid spacing, or "auto" (each solver on its reference grid).
+SPACING_CHOICES = ("auto", *SPACINGS)
 
 
 def _rk(name: str, tableau: Tableau) -> Callable[..., Solver]:
@@ -107,3 +113,17 @@ def get_solver(name: str | Solver, **options: Any) -> Solver:
         accepted = ", ".join(known) or "none"
         raise ValueError(f"solver {name!r} has no option {', '.join(map(repr, unknown))} (accepted: {accepted})")
     return _factory(name)(**options)
+
+
+def resolve_spacing(solver: str | Solver, spacing: str = "auto") -> str:
+    """The grid spacing actually used: ``spacing`` itself, or for ``"auto"`` the solver's reference grid.
+
+    ``"auto"``: DDIM, DPM-Solver++ and the exactly reversible methods (EDICT, BDIA, O-BELM, reversible Heun,
+    McCallum-Foster, Rex) step on ``"time"`` (the diffusers-style grid of their reference code), Runge-Kutta
+    methods (EES, RK4, Heun, ...) on ``"lambda"`` (lambda-uniform, the paper's). Never returns ``"auto"``.
+    """
+    if spacing not in SPACING_CHOICES:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACING_CHOICES)}")
+    if spacing != "auto":
+        return spacing
+    return get_solver(solver).reference_spacing

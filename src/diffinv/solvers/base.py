@@ -65,6 +65,9 @@ class Solver:
     exact: bool = False  # invert -> generate with the same model is exact to round-off
     nfe_per_step: int = 1  # model calls per step
     order: int = 1  # classical order of convergence
+    # The grid the method's reference code steps on (``spacing="auto"``): "time" = diffusers-style timesteps
+    # for DDIM-family and exactly reversible methods, "lambda" = the lambda-uniform grid for Runge-Kutta methods.
+    reference_spacing: str = "lambda"
 
     def options(self) -> dict[str, Any]:
         """The user-facing options of this solver (for reports and run configurations)."""

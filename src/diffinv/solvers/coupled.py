@@ -38,6 +38,7 @@ class EDICT(Solver):
 
     name = "edict"
     exact = True
+    reference_spacing = "time"
     nfe_per_step = 2
 
     def __init__(self, p: float = 0.93, leapfrog: bool = True):
@@ -111,6 +112,7 @@ class TwoStepDDIM(Solver):
     """
 
     exact = True
+    reference_spacing = "time"
     nfe_per_step = 1
 
     def coefficient(self, grid: Grid, k: int) -> float:

@@ -38,6 +38,7 @@ class DDIM(Solver):
     """
 
     name = "ddim"
+    reference_spacing = "time"
 
     def __init__(self, inversion_timestep: str = "current"):
         if inversion_timestep not in INVERSION_TIMESTEPS:
@@ -84,6 +85,7 @@ class DPMSolverPP2M(Solver):
     """
 
     name = "dpmpp_2m"
+    reference_spacing = "time"
     order = 2
 
     @property

@@ -48,6 +48,7 @@ class McCallumFoster(Solver):
 
     name = "mf"
     exact = True
+    reference_spacing = "time"
 
     def __init__(self, base: str | Tableau = "ees25", coupling: float = 0.999, form: str = "lambda-x"):
         self.coupling = self._check_fraction("coupling", coupling)
@@ -124,6 +125,7 @@ class ReversibleHeun(Solver):
 
     name = "reversible_heun"
     exact = True
+    reference_spacing = "time"
     order = 2
 
     def __init__(self, form: str = "lambda-x"):
