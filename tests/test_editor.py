@@ -242,3 +242,31 @@ def test_settings_are_validated(pipes):
     ):
         with pytest.raises(ValueError):
             diffinv.Editor(pipe, **{**F64, **bad})
+
+
+def test_auto_spacing_puts_each_solver_on_its_reference_grid(pipes):
+    from diffusers import DDIMScheduler
+
+    pipe = pipes["sd"]
+    reference = DDIMScheduler.from_config(pipe.scheduler.config)
+    reference.set_timesteps(10)
+    diffusers_grid = [*reference.timesteps.tolist(), 0]  # 901, 801, ..., 1 ("leading", offset 1), then alpha_bar[0]
+    for solver in ("ddim", "edict", "bdia", "belm", "rex", "mf", "reversible_heun", "dpmpp_2m"):
+        editor = diffinv.Editor(pipe, solver=solver, steps=10, **F64)
+        assert editor.spacing == "time", solver
+        assert editor.timesteps.tolist() == diffusers_grid, solver
+    for solver in ("ees27", "ees25", "rk4", "heun"):
+        editor = diffinv.Editor(pipe, solver=solver, steps=10, **F64)
+        assert editor.spacing == "lambda", solver
+        lam = editor.schedule.lam(editor.timesteps)
+        assert torch.allclose(lam.diff(), lam.diff()[0].expand(10), atol=1e-9), solver  # lambda-uniform
+    explicit = diffinv.Editor(pipe, solver="edict", steps=10, spacing="lambda", **F64)
+    assert explicit.spacing == "lambda" and explicit.timesteps.tolist() != diffusers_grid
+    assert diffinv.Editor(pipe, solver="ees27", steps=10, spacing="time", **F64).timesteps.tolist() == diffusers_grid
+    # partial inversion on the time grid: the last int(steps * strength) steps, as diffusers' img2img
+    half = diffinv.Editor(pipe, solver="ddim", steps=10, strength=0.55, **F64)
+    assert half.timesteps.tolist() == diffusers_grid[-6:]
+    with pytest.raises(ValueError, match="spacing"):
+        diffinv.Editor(pipe, spacing="uniform", **F64)
+    with pytest.raises(ValueError, match="spacing 'time'"):
+        diffinv.Editor(pipe, solver="ddim", steps=2000, **F64)

@@ -1,8 +1,9 @@
-"""Real-image editing with Stable Diffusion 1.x/2.x and SDXL: thin glue between diffusers and the solvers.
+"""Real-image editing with diffusers models: thin glue between a model-family adapter and the solvers.
 
-The :class:`Editor` takes a diffusers pipeline's parts (VAE, text encoder(s), tokenizer(s), UNet,
-scheduler config) and builds the guided noise model ``eps(x, t)`` that :func:`diffinv.invert` and
-:func:`diffinv.generate` integrate. Everything numerical (grids, solvers, inversion) is diffinv's.
+The :class:`Editor` takes a diffusers pipeline, finds its family adapter (:mod:`diffinv.families`: prompts,
+latents, the denoiser call, the schedule) and builds the guided noise model ``eps(x, t)`` that
+:func:`diffinv.invert` and :func:`diffinv.generate` integrate. Everything numerical (grids, solvers,
+inversion) is diffinv's; everything that differs between model families is the adapter's.
 
 * Invert once, edit many: :meth:`Editor.edit` replicates the inverted state across the target
   prompts and runs one batched pass per model call (classifier-free guidance batched as well:
@@ -17,10 +18,8 @@ scheduler config) and builds the guided noise model ``eps(x, t)`` that :func:`di
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,12 @@ from PIL import Image
 from torch import Tensor
 
 from .devices import check_device
+from .families import Conditioning, family_for_model, family_of
 from .fields import EpsModel, as_eps_model
 from .images import RESIZE_MODES, ImageLike, load_image, pil_to_tensor, tensor_to_pil
-from .schedules import NoiseSchedule, make_grid
 from .smoothing import SMOOTH_LORA_ID, ProximalGuidance, load_lora, parse_smoothing
 from .solve import Inversion, generate, invert
-from .solvers import Solver, State, get_solver
+from .solvers import Solver, State, get_solver, resolve_spacing
 
 __all__ = ["DEFAULT_MODEL", "Conditioning", "EditInversion", "Editor"]
 
@@ -45,34 +44,6 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_NPI_GUIDANCE = 7.5
 OUTPUT_TYPES = ("pil", "latent")
-
-
-@dataclass
-class Conditioning:
-    """Text conditioning of a batch: cross-attention states and, for SDXL, pooled embeddings and time ids."""
-
-    hidden: Tensor  # (B, L, D)
-    pooled: Tensor | None = None  # (B, P), SDXL
-    time_ids: Tensor | None = None  # (B, 6), SDXL micro-conditioning
-
-    def __len__(self) -> int:
-        return self.hidden.shape[0]
-
-    def index(self, rows: Sequence[int] | Tensor) -> Conditioning:
-        """The rows ``rows`` (with repetition) as a new batch."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.hidden.device)
-        pick = [None if v is None else v.index_select(0, idx.to(v.device)) for v in (self.pooled, self.time_ids)]
-        return Conditioning(self.hidden.index_select(0, idx), *pick)
-
-    @staticmethod
-    def cat(parts: Sequence[Conditioning]) -> Conditioning:
-        """Concatenate batches along the batch dimension."""
-
-        def join(name: str) -> Tensor | None:
-            values = [getattr(p, name) for p in parts]
-            return None if values[0] is None else torch.cat(values)
-
-        return Conditioning(join("hidden"), join("pooled"), join("time_ids"))
 
 
 @dataclass
@@ -156,16 +127,20 @@ def _prompts(prompts: str | Sequence[str], what: str) -> list[str]:
 
 
 class Editor:
-    """Invert real images and edit them with text, with any diffinv solver, on SD 1.x/2.x or SDXL.
+    """Invert real images and edit them with text, with any diffinv solver, on any supported model family.
 
-    ``pipe``: a loaded ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (or any object with
-    ``vae``, ``unet``, ``scheduler``, ``text_encoder``, ``tokenizer`` and ``encode_prompt``).
-    ``solver``/``solver_options``/``steps``/``spacing``: the solver and grid; ``strength`` in (0, 1]
-    starts the inversion at timestep ``strength * T`` with ``round(steps * strength)`` steps (partial
-    inversion, as diffusers' img2img). ``guidance``: editing CFG scale (default 3, or 7.5 with NPI);
+    ``pipe``: a loaded diffusers pipeline of a family in :mod:`diffinv.families` (SD 1.x/2.x, SDXL); its adapter
+    (``editor.family``) says how prompts, latents and the denoiser work for it.
+    ``solver``/``solver_options``/``steps``: the solver; ``spacing``: the grid, ``"auto"`` (default) = the solver's
+    reference grid (:func:`diffinv.solvers.resolve_spacing`: ``"time"``, the diffusers sampler's timesteps from
+    the model's scheduler config, for DDIM-family and exactly reversible solvers; ``"lambda"``, lambda-uniform, for
+    Runge-Kutta/EES), or ``"lambda"``/``"time"``/``"sigma"``; ``editor.spacing`` holds the one used. ``strength`` in
+    (0, 1] inverts only part of the way (partial inversion, as diffusers' img2img: the last ``int(steps * strength)``
+    steps of the time grid, or ``round(steps * strength)`` steps from timestep ``strength * T``). ``guidance``:
+    editing CFG scale (default 3, or 7.5 with NPI);
     ``inversion_guidance``: CFG scale while inverting (default: ``guidance``; ignored by NPI);
     ``negative_prompt``: the unconditional prompt (``""``). ``smoothing``: any of ``"npi"``,
-    ``"proximal"``, ``"smooth-lora"``; ``proximal``: :class:`ProximalGuidance` options;
+    ``"proximal"``, ``"smooth-lora"`` (those the family supports); ``proximal``: :class:`ProximalGuidance` options;
     ``lora``/``lora_scale``/``lora_merge``: the Smooth-Diffusion LoRA source, strength, and whether it is
     merged into the UNet's weights (default) or applied by forward hooks (``editor.lora_hooks.remove()`` undoes it).
     ``allow_pickle``: accept a pickled LoRA checkpoint (loaded as tensors only); default: safetensors only.
@@ -179,7 +154,7 @@ class Editor:
         pipe: Any,
         solver: str | Solver = "ees27",
         steps: int = 50,
-        spacing: str = "lambda",
+        spacing: str = "auto",
         guidance: float | None = None,
         inversion_guidance: float | None = None,
         negative_prompt: str = "",
@@ -198,28 +173,30 @@ class Editor:
         progress: bool = True,
         solver_options: dict[str, Any] | None = None,
     ):
-        for part in ("vae", "unet", "scheduler", "encode_prompt"):
+        for part in ("vae", "scheduler", "encode_prompt"):
             if getattr(pipe, part, None) is None:
-                raise ValueError(f"pipe must be a diffusers Stable Diffusion pipeline; it has no {part}")
+                raise ValueError(f"pipe must be a diffusers text-to-image pipeline; it has no {part}")
         self.pipe = pipe
         if device is not None or dtype is not None:
             pipe.to(device=device, dtype=dtype)
-        self.unet, self.vae = pipe.unet, pipe.vae
-        self.is_xl = getattr(self.unet.config, "addition_embed_type", None) == "text_time"
-        if self.is_xl and getattr(pipe, "text_encoder_2", None) is None:
-            raise ValueError("SDXL pipelines without text_encoder_2 (e.g. the refiner) are not supported")
-        if self.is_xl and self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
-            self.vae.to(torch.float32)  # the SDXL VAE overflows in fp16, as diffusers also upcasts it
+        self.family = family_of(pipe)
+        self.vae = self.family.vae
         if solver_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"solver_dtype must be torch.float32 or torch.float64, got {solver_dtype}")
         self.solver_dtype = solver_dtype
-        self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
-        self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+        self.schedule = self.family.schedule
+        self.prediction_type = self.family.prediction_type
         self.solver = get_solver(solver, **(solver_options or {}))
 
         self.smoothing = parse_smoothing(smoothing)
         if lora is not None and "smooth-lora" not in self.smoothing:
             self.smoothing = parse_smoothing([*self.smoothing, "smooth-lora"])
+        unsupported = [s for s in self.smoothing if s not in self.family.smoothing]
+        if unsupported:
+            allowed = ", ".join(self.family.smoothing) or "none"
+            raise ValueError(
+                f"smoothing {', '.join(unsupported)} does not apply to {self.family.name} models (supported: {allowed})"
+            )
         self.npi = "npi" in self.smoothing
         if isinstance(proximal, dict):
             proximal = ProximalGuidance(**proximal)
@@ -240,21 +217,17 @@ class Editor:
             raise ValueError("strength must be in (0, 1], got 0")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        self.steps, self.spacing = steps, spacing
-        start = None if self.strength == 1.0 else self.strength * self.schedule.T
-        self.timesteps = make_grid(self.schedule, max(1, round(steps * self.strength)), spacing, start)
+        self.steps, self.spacing = steps, resolve_spacing(self.solver, spacing)
+        self.timesteps = self.family.timesteps(steps, self.spacing, self.strength)
 
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        multiple = self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        native = int(self.unet.config.sample_size) * self.vae_scale
-        self.size = (native, native) if size is None else (int(size[0]), int(size[1]))
+        multiple = self.family.size_multiple
+        self.size = self.family.native_size if size is None else (int(size[0]), int(size[1]))
         if min(self.size) < 1 or self.size[0] % multiple or self.size[1] % multiple:
             raise ValueError(f"size must be positive multiples of {multiple} (height, width), got {size!r}")
         if resize not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {resize!r}; choose one of {', '.join(RESIZE_MODES)}")
         self.resize, self.progress = resize, progress
 
-        self._placement: tuple[torch.device, torch.dtype] | None = None  # set while inverting/editing
         self.lora_layers: list[str] = []
         self.lora_hooks = None
         self.lora_scale = _check_number("lora_scale", lora_scale)
@@ -275,9 +248,9 @@ class Editor:
         allow_pickle: bool = False,
         **editor_options: Any,
     ) -> Editor:
-        """Load an SD 1.x/2.x or SDXL pipeline (hub id or local folder) and wrap it.
+        """Load a pipeline (hub id or local folder) of a supported family and wrap it.
 
-        The pipeline class comes from ``model_index.json``'s ``_class_name``. Defaults: ``device`` CUDA
+        The family comes from ``model_index.json``'s ``_class_name``. Defaults: ``device`` CUDA
         when available, else CPU; ``dtype`` float16 on CUDA, float32 elsewhere. Weights load from
         safetensors only, unless ``allow_pickle`` (then diffusers may fall back to ``.bin`` files, which it
         reads with ``torch.load(weights_only=True)``; a pickled LoRA is accepted as well).
@@ -287,14 +260,13 @@ class Editor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype is None:
             dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-        pipe_cls = _pipeline_class(model)
+        family = family_for_model(model)
         kwargs: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": None if allow_pickle else True}
         if variant is not None:
             kwargs["variant"] = variant
-        if pipe_cls.__name__ == "StableDiffusionPipeline":
-            kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        kwargs.update(family.load_options)
         try:
-            pipe = pipe_cls.from_pretrained(str(model), **kwargs)
+            pipe = family.pipeline_class().from_pretrained(str(model), **kwargs)
         except OSError as err:  # a missing weights file (diffusers' EnvironmentError)
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             hint = "; if it has only pickled (.bin) weights and you trust it: allow_pickle=True (--allow-pickle)"
@@ -304,50 +276,28 @@ class Editor:
 
     # -- the model -----------------------------------------------------------------------------
     @property
+    def unet(self) -> torch.nn.Module:
+        """The denoising network (a UNet for SD/SDXL)."""
+        return self.family.denoiser
+
+    @property
+    def is_xl(self) -> bool:
+        return self.family.name == "sdxl"
+
+    @property
     def device(self) -> torch.device:
         return self.unet.device
 
-    @contextmanager
-    def _placed(self) -> Iterator[None]:
-        """Look up the UNet's device and dtype once for a whole invert/edit instead of on every UNet call:
-        diffusers' ``ModelMixin.device``/``.dtype`` walk every submodule (a fifth of a tiny UNet's call)."""
-        self._placement = (self.device, self.unet.dtype)
-        try:
-            yield
-        finally:
-            self._placement = None
-
     def unet_eps(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """The UNet's noise prediction for batch ``x`` (solver dtype) under ``cond``, in ``x``'s dtype."""
-        unet = self.unet
-        device, dtype = self._placement or (self.device, unet.dtype)
-        t_in = t.to(device, torch.float64 if dtype == torch.float64 else torch.float32)
-        added = None
-        if self.is_xl:
-            added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-        out = unet(x.to(dtype), t_in, encoder_hidden_states=cond.hidden, added_cond_kwargs=added, return_dict=False)
-        out = out[0].to(x.dtype)
+        """The denoiser's noise prediction for batch ``x`` (solver dtype) under ``cond``, in ``x``'s dtype."""
+        out = self.family.denoise(x, t, cond)
         if self.prediction_type == "epsilon":
             return out
         return as_eps_model(lambda *_: out, self.schedule, self.prediction_type)(x, t)
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """Text conditioning of ``prompts`` at the editor's image size (SDXL: ``""`` -> zeros if configured)."""
-        prompts = list(prompts)
-        device, dtype = self.device, self.unet.dtype
-        if not self.is_xl:
-            hidden, _ = self.pipe.encode_prompt(prompts, device, 1, False)
-            return Conditioning(hidden.to(dtype))
-        hidden, _, pooled, _ = self.pipe.encode_prompt(
-            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        if getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
-            empty = torch.tensor([p == "" for p in prompts], device=device)
-            hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
-            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
-        h, w = self.size
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=dtype).expand(len(prompts), 6)
-        return Conditioning(hidden.to(dtype), pooled.to(dtype), time_ids)
+        """Text conditioning of ``prompts`` at the editor's image size."""
+        return self.family.encode_prompts(list(prompts), self.size)
 
     def eps_model(self, prompts: str | Sequence[str], guidance: float | None = None) -> EpsModel:
         """The guided ``eps(x, t)`` for ``prompts`` with the negative prompt as unconditional branch.
@@ -362,34 +312,18 @@ class Editor:
         return _GuidedEps(self, cond, uncond, w)
 
     # -- images <-> latents ----------------------------------------------------------------------
-    def _latent_norm(self) -> tuple[float, Tensor | None, Tensor | None]:
-        cfg = self.vae.config
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        to = {"device": self.device, "dtype": self.solver_dtype}
-        mean = None if mean is None else torch.tensor(mean, **to).view(1, -1, 1, 1)
-        std = None if std is None else torch.tensor(std, **to).view(1, -1, 1, 1)
-        return float(cfg.scaling_factor), mean, std
-
     def encode_images(self, images: Sequence[Image.Image], generator: torch.Generator | None = None) -> Tensor:
         """Clean latents (solver dtype) of RGB images: the VAE posterior mean, or a sample with ``generator``."""
         with torch.inference_mode():
-            x = pil_to_tensor(images).to(self.device, self.vae.dtype)
-            dist = self.vae.encode(x).latent_dist
-            lat = (dist.mean if generator is None else dist.sample(generator)).to(self.solver_dtype)
-            scale, mean, std = self._latent_norm()
-            if mean is not None and std is not None:
-                return (lat - mean) * scale / std
-            return lat * scale
+            return self.family.encode_images(pil_to_tensor(images), self.solver_dtype, generator)
 
     def decode_latents(self, latents: Tensor) -> list[Image.Image]:
         """RGB images of clean latents (decoded one at a time to bound memory)."""
         with torch.inference_mode():
-            scale, mean, std = self._latent_norm()
             lat = latents.to(self.device, self.solver_dtype)
-            lat = lat * std / scale + mean if mean is not None and std is not None else lat / scale
             out = []
             for row in lat.split(1):
-                out.extend(tensor_to_pil(self.vae.decode(row.to(self.vae.dtype), return_dict=False)[0]))
+                out.extend(tensor_to_pil(self.family.decode_latents(row)))
             return out
 
     def load_images(self, images: ImageLike | Sequence[ImageLike]) -> list[Image.Image]:
@@ -418,7 +352,7 @@ class Editor:
 
     def invert_latent(self, latent: Tensor, prompt: str | Sequence[str]) -> EditInversion:
         """Invert clean latents ``(N, C, h, w)`` (VAE space, scaled) with their source prompts."""
-        with torch.inference_mode(), self._placed():
+        with torch.inference_mode(), self.family.placed():
             if not isinstance(latent, Tensor) or latent.dim() != 4:
                 raise ValueError(f"latent must be a (N, C, h, w) tensor, got {getattr(latent, 'shape', latent)!r}")
             latent = latent.to(self.device, self.solver_dtype)
@@ -474,7 +408,7 @@ class Editor:
 
         Returns ``images * targets`` results, image-major (image 0 with each target, then image 1, ...).
         """
-        with torch.inference_mode(), self._placed():
+        with torch.inference_mode(), self.family.placed():
             _check_inversion(inv)
             items = _prompts(targets, "targets")
             n, k = len(inv.cond), len(items)
@@ -497,7 +431,7 @@ class Editor:
 
     def reconstruct(self, inv: EditInversion, output_type: str = "pil") -> list[Image.Image] | Tensor:
         """Generate back with the inversion's own field (source prompt, inversion guidance): the round trip."""
-        with torch.inference_mode(), self._placed():
+        with torch.inference_mode(), self.family.placed():
             _check_inversion(inv)
             model = _GuidedEps(self, inv.cond, inv.uncond, inv.guidance)
             x = generate(model, inv, progress="reconstruct" if self.progress else False)
@@ -534,11 +468,10 @@ class Editor:
         raise ValueError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
 
     def __repr__(self) -> str:
-        kind = "SDXL" if self.is_xl else "SD"
         smooth = ",".join(self.smoothing) or "none"
         return (
-            f"Editor({kind}, solver={self.solver.describe()}, steps={len(self.timesteps) - 1}, "
-            f"guidance={self.guidance:g}, smoothing={smooth}, size={self.size})"
+            f"Editor({self.family.name}, solver={self.solver.describe()}, steps={len(self.timesteps) - 1}, "
+            f"spacing={self.spacing}, guidance={self.guidance:g}, smoothing={smooth}, size={self.size})"
         )
 
 
@@ -561,32 +494,3 @@ def _replicate(inv: EditInversion, rows: list[int]) -> Inversion:
     tensors = {n: v.index_select(0, idx.to(v.device)) for n, v in inv.state.tensors().items()}
     state = type(inv.state)(**{**vars(inv.state), **tensors})
     return Inversion(state, inv.grid, inv.solver, inv.dtype, inv.nfe)
-
-
-def _pipeline_class(model: str | Path) -> type:
-    """``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` from the model's ``model_index.json``."""
-    import diffusers
-
-    path = Path(model)
-    if path.is_dir():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ValueError(f"{path} is not a diffusers model folder (no model_index.json)")
-    elif path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:
-        raise ValueError(f"model folder not found: {model}")
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            index = Path(hf_hub_download(str(model), "model_index.json"))
-        except Exception as err:
-            raise ValueError(f"cannot find model {model!r} locally or on the hub: {str(err).splitlines()[0]}") from None
-    try:
-        name = json.loads(index.read_text())["_class_name"]
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"cannot read {index}: {err}") from None
-    if "StableDiffusionXL" in name:
-        return diffusers.StableDiffusionXLPipeline
-    if name.startswith("StableDiffusion"):
-        return diffusers.StableDiffusionPipeline
-    raise ValueError(f"unsupported pipeline {name!r} in {model}; use a Stable Diffusion 1.x/2.x or SDXL model")
