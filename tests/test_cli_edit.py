@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from PIL import Image
 from tiny import tiny_sd_pipe
 
 from diffinv import cli
+from diffinv.images import psnr
 from diffinv.solvers import get_solver, list_solvers
 
 EXACT = [n for n in list_solvers() if get_solver(n).exact]
@@ -36,8 +39,26 @@ def test_edit_writes_numbered_images_and_a_grid(setup, solver, capsys):
     assert rc == 0, capsys.readouterr().err
     for name in ("edit_1.png", "edit_2.png"):
         assert Image.open(setup / solver / name).size == (64, 64)
-    assert Image.open(setup / solver / "edit_grid.png").size == (4 * 64, 64)  # source | recon | 2 edits
+    grid = Image.open(setup / solver / "edit_grid.png")
+    assert grid.width == 4 * 64 and grid.height > 64  # source | recon | 2 edits, captions below
     assert (setup / "photo.png").read_bytes() == before
+    printed = capsys.readouterr().out
+    # the printed reconstruction PSNR is the PSNR of the grid's reconstruction against its source tile
+    tiles = [grid.crop((64 * i, 0, 64 * (i + 1), 64)) for i in range(2)]
+    line = next(ln for ln in printed.splitlines() if ln.startswith("reconstruction PSNR: "))
+    assert float(line.split()[2]) == pytest.approx(psnr(tiles[0], tiles[1]), abs=0.006)
+    # the sidecar maps each file to its prompt, with the settings the editor resolved
+    record = json.loads((setup / solver / "edit.json").read_text())
+    assert record["outputs"] == {"edit_1.png": {"target_prompt": "a dog"}, "edit_2.png": {"target_prompt": "a fox"}}
+    assert record["grid"] == "edit_grid.png" and record["source_prompt"] == "a cat"
+    assert record["settings"]["solver"] == solver and record["settings"]["steps"] == 2
+    assert record["settings"]["spacing"] == get_solver(solver).reference_spacing  # auto, resolved
+    assert record["settings"]["guidance"] == 3.0 and record["seed"] is None
+    assert record["versions"]["torch"] == torch.__version__ and "folder_hash" in record["model_revision"]
+    assert record["reconstruction_psnr"] == pytest.approx(psnr(tiles[0], tiles[1]), abs=1e-3)
+    # the same, per image, in a PNG text chunk
+    chunk = json.loads(Image.open(setup / solver / "edit_2.png").text["diffinv"])
+    assert chunk["target_prompt"] == "a fox" and chunk["settings"] == record["settings"]
 
 
 def test_edit_default_output_and_options(setup, capsys):
@@ -46,6 +67,12 @@ def test_edit_default_output_and_options(setup, capsys):
     )
     assert rc == 0, capsys.readouterr().err
     assert (setup / "photo_edit.png").is_file()
+    record = json.loads((setup / "photo_edit.json").read_text())
+    assert record["outputs"] == {"photo_edit.png": {"target_prompt": "a dog"}} and record["seed"] == 3
+    assert record["settings"]["solver_options"] == {"form": "sigma"}
+    assert record["settings"]["smoothing"] == ["npi", "proximal"] and record["settings"]["guidance"] == 7.5
+    assert record["settings"]["inversion_guidance"] is None  # NPI inverts without CFG
+    assert "reconstruction_psnr" not in record  # no --grid: no reconstruction
 
 
 def test_edit_with_a_lora_file_merged_or_unmerged(setup, capsys):

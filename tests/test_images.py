@@ -90,3 +90,43 @@ def test_tensor_round_trip_and_grid():
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(imgs, back))
     grid = image_grid([imgs[0], Image.new("RGB", (3, 9))])
     assert grid.size == (8, 9)
+
+
+def test_psnr_grid_captions_and_png_text(tmp_path):
+    import math
+
+    from diffinv.images import image_grid, psnr, save_image
+
+    a = Image.fromarray(np.full((8, 8, 3), 100, np.uint8))
+    b = Image.fromarray(np.full((8, 8, 3), 110, np.uint8))
+    assert psnr(a, a) == math.inf
+    assert psnr(a, b) == pytest.approx(10 * math.log10(255**2 / 100))
+    with pytest.raises(ValueError, match="differ in size"):
+        psnr(a, Image.new("RGB", (4, 8)))
+    plain = image_grid([a, b])
+    assert plain.size == (16, 8)
+    wide = Image.new("RGB", (64, 8), (255, 255, 255))
+    captioned = image_grid([wide, wide], captions=["source", "a much longer caption that has to wrap"])
+    assert captioned.width == 128 and captioned.height > 8 + 12  # at least two caption lines under the tiles
+    assert np.asarray(captioned)[8:].min() < 255  # text was drawn
+    with pytest.raises(ValueError, match="one caption per image"):
+        image_grid([a, b], captions=["one"])
+    png = save_image(a, tmp_path / "a.png", text={"diffinv": '{"k": 1}'})
+    assert Image.open(png).text == {"diffinv": '{"k": 1}'}
+    jpg = save_image(a, tmp_path / "a.jpg", text={"diffinv": "x"})  # no text chunks in JPEG: none stored
+    assert Image.open(jpg).size == (8, 8)
+
+
+def test_provenance_versions_and_folder_hash(tmp_path):
+    from diffinv.provenance import folder_hash, model_revision, versions
+
+    v = versions()
+    assert v["torch"] == torch.__version__ and v["diffinv"] != "absent"
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "X"}')
+    (tmp_path / "m" / "w.safetensors").write_bytes(b"0" * 10)
+    first = folder_hash(tmp_path / "m")
+    assert model_revision(tmp_path / "m") == {"folder_hash": first}
+    (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "Y"}')
+    assert folder_hash(tmp_path / "m") != first  # a config change changes the hash
+    assert model_revision("nobody/not-cached") == {"revision": None}

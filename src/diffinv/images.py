@@ -15,13 +15,14 @@ Pillow's RGB conversion.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "image_grid",
     "load_image",
     "pil_to_tensor",
+    "psnr",
     "save_image",
     "tensor_to_pil",
     "to_rgb",
@@ -144,26 +146,76 @@ def tensor_to_pil(x: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
 
 
-def image_grid(images: Sequence[Image.Image], background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """The images side by side in one row (top-aligned; heights may differ)."""
+def image_grid(
+    images: Sequence[Image.Image],
+    background: tuple[int, int, int] = (255, 255, 255),
+    captions: Sequence[str] | None = None,
+) -> Image.Image:
+    """The images side by side in one row (top-aligned; heights may differ), each with its caption below if given."""
     if not images:
         raise ValueError("image_grid needs at least one image")
+    if captions is not None and len(captions) != len(images):
+        raise ValueError(f"give one caption per image: {len(captions)} captions for {len(images)} images")
+    font = ImageFont.load_default() if captions is not None else None
+    lines = [_wrap(c, im.width, font) for c, im in zip(captions, images)] if captions is not None else []
+    line_height = 12
+    text_height = (max(len(ls) for ls in lines) * line_height + 4) if lines else 0
     width = sum(im.width for im in images)
     height = max(im.height for im in images)
-    grid = Image.new("RGB", (width, height), background)
+    grid = Image.new("RGB", (width, height + text_height), background)
+    draw = ImageDraw.Draw(grid)
     x = 0
-    for im in images:
+    for n, im in enumerate(images):
         grid.paste(to_rgb(im), (x, 0))
+        for k, line in enumerate(lines[n] if lines else []):
+            draw.text((x + 2, height + 2 + k * line_height), line, fill=(0, 0, 0), font=font)
         x += im.width
     return grid
 
 
-def save_image(image: Image.Image, path: str | Path) -> Path:
-    """Save ``image`` (format from the suffix), creating parent folders; returns the path."""
+def _wrap(text: str, width: int, font: ImageFont.ImageFont) -> list[str]:
+    """``text`` broken into lines that fit ``width`` pixels (words longer than a line are cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        trial = f"{lines[-1]} {word}" if lines else word
+        if lines and font.getlength(trial) <= width - 4:
+            lines[-1] = trial
+        else:
+            while font.getlength(word) > width - 4 and len(word) > 1:
+                cut = max(1, int(len(word) * (width - 4) / font.getlength(word)))
+                lines.append(word[:cut])
+                word = word[cut:]
+            lines.append(word)
+    return lines or [""]
+
+
+def psnr(reference: Image.Image, image: Image.Image) -> float:
+    """PSNR in dB of two RGB images of one size (8-bit values, peak 255); ``inf`` when they are identical."""
+    a = np.asarray(to_rgb(reference), dtype=np.float64)
+    b = np.asarray(to_rgb(image), dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in size: {a.shape[:2]} vs {b.shape[:2]}")
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def save_image(image: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> Path:
+    """Save ``image`` (format from the suffix), creating parent folders; returns the path.
+
+    ``text``: key/value text chunks stored in a PNG (other formats have no such chunks and store none).
+    """
     p = Path(path)
     check_output_path(p)
     p.parent.mkdir(parents=True, exist_ok=True)
-    image.save(p)
+    options: dict[str, Any] = {}
+    if text and Image.registered_extensions().get(p.suffix.lower()) == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)
+        options["pnginfo"] = info
+    image.save(p, **options)
     return p
 
 

@@ -157,7 +157,7 @@ def test_edit_accepts_every_kind_of_image(files, tiny_model, tmp_path, name):
     out = tmp_path / "edit.png"
     code, stdout, err = run_cli(_edit(files / name, "--out", str(out), "--resize", "pad", model=tiny_model))
     assert code == 0, err
-    assert stdout.strip() == str(out)
+    assert stdout.split() == [str(out), str(out.with_suffix(".json"))]  # the edit, then its sidecar
     with Image.open(out) as img:
         assert img.size == (64, 64) and img.mode == "RGB"
 

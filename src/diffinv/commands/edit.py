@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from ..devices import check_device
-from ..images import check_output_path, image_grid, load_image, save_image
-from ..schedules import SPACINGS
+from ..images import check_output_path, image_grid, load_image, psnr, save_image
 from ..smoothing import SMOOTHINGS
-from ..solvers import get_solver
+from ..solvers import SPACING_CHOICES, get_solver
 from . import parse_key_values
 
 DTYPES = ("fp16", "bf16", "fp32")
@@ -23,7 +24,9 @@ def add_parser(sub: Any) -> None:
         "edit",
         help="edit a photo with text: invert it under --source, regenerate under each --target",
         description="Invert IMAGE with the source prompt, then generate it under each target prompt "
-        "(one batched pass). Writes OUT (numbered OUT_1, OUT_2, ... for several targets).",
+        "(one batched pass). Writes OUT (numbered OUT_1, OUT_2, ... for several targets) and, next to it, "
+        "OUT's stem + .json: which file holds which target prompt, every setting, the seed and the versions "
+        "(PNG outputs carry the same in a 'diffinv' text chunk).",
     )
     p.add_argument("image", metavar="IMAGE", help="the photo to edit (any format Pillow reads)")
     p.add_argument("--source", required=True, help="a prompt describing IMAGE")
@@ -34,7 +37,13 @@ def add_parser(sub: Any) -> None:
         "--solver-option", action="append", default=[], metavar="KEY=VALUE", help="solver option (repeatable)"
     )
     p.add_argument("--steps", type=int, default=50, help="solver steps over the full range (default 50)")
-    p.add_argument("--spacing", choices=SPACINGS, default="lambda", help="grid spacing (default lambda)")
+    p.add_argument(
+        "--spacing",
+        choices=SPACING_CHOICES,
+        default="auto",
+        help="grid spacing (default auto: each solver on its reference grid, the diffusers time grid for DDIM and "
+        "the exactly reversible solvers, lambda-uniform for Runge-Kutta/EES)",
+    )
     p.add_argument("--strength", type=float, default=1.0, help="inversion depth in (0, 1] (default 1: full)")
     p.add_argument("--guidance", type=float, default=None, help="editing CFG scale (default 3; 7.5 with npi)")
     p.add_argument("--inversion-guidance", type=float, default=None, help="inversion CFG scale (default: --guidance)")
@@ -55,7 +64,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=None, help="sample the VAE posterior with this seed (default: mean)")
     p.add_argument("--out", default=None, help="output image (default: IMAGE's folder, <stem>_edit.png)")
-    p.add_argument("--grid", action="store_true", help="also write OUT_grid: source | reconstruction | edits")
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="also reconstruct, print the reconstruction's PSNR and write OUT_grid: source | reconstruction | edits, "
+        "captioned",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -107,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     options = parse_key_values(args.solver_option, "--solver-option")
     get_solver(args.solver, **options)  # unknown solver or option: fail before loading a model
     paths = output_paths(image, args.out, len(args.target))
-    grid_path = paths[0].with_name(f"{Path(args.out).stem if args.out else image.stem + '_edit'}_grid.png")
+    grid_path = paths[0].with_name(f"{_stem(args, image)}_grid.png")
     for p in [*paths, *([grid_path] if args.grid else [])]:
         if p.resolve() == image.resolve():
             raise ValueError(f"output {p} would overwrite the input image")
@@ -122,9 +136,10 @@ def run(args: argparse.Namespace) -> int:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
+    model = args.model or DEFAULT_MODEL
     with torch.inference_mode():
         editor = Editor.from_pretrained(
-            args.model or DEFAULT_MODEL,
+            model,
             dtype=dtype,
             device=args.device,
             solver=args.solver,
@@ -143,13 +158,66 @@ def run(args: argparse.Namespace) -> int:
             resize=args.resize,
             progress=not args.no_progress,
         )
+        record = _provenance(args, editor, model, image)
         inv = editor.invert(image, args.source, generator=generator)
         edits = editor.edit(inv, args.target)
-        for img, path in zip(edits, paths):
-            save_image(img, path)
+        record["outputs"] = {}
+        for img, path, target in zip(edits, paths, args.target):
+            # no creation time in the image: same inputs and seed give the same bytes
+            chunk = {k: v for k, v in record.items() if k not in ("outputs", "created")} | {"target_prompt": target}
+            save_image(img, path, text={"diffinv": json.dumps(chunk, sort_keys=True)})
+            record["outputs"][path.name] = {"target_prompt": target}
             print(path)
         if args.grid:
-            recon = editor.reconstruct(inv)
-            save_image(image_grid([inv.images[0], recon[0], *edits]), grid_path)
+            recon = editor.reconstruct(inv)[0]
+            record["reconstruction_psnr"] = round(psnr(inv.images[0], recon), 4)
+            captions = ["source", f"reconstruction, {record['reconstruction_psnr']:.2f} dB", *args.target]
+            save_image(image_grid([inv.images[0], recon, *edits], captions=captions), grid_path)
+            record["grid"] = grid_path.name
+            print(f"reconstruction PSNR: {record['reconstruction_psnr']:.2f} dB")
             print(grid_path)
+        sidecar = paths[0].with_name(f"{_stem(args, image)}.json")
+        sidecar.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
+        print(sidecar)
     return 0
+
+
+def _stem(args: argparse.Namespace, image: Path) -> str:
+    """The stem that the numbered outputs, the grid and the sidecar share."""
+    return Path(args.out).stem if args.out else f"{image.stem}_edit"
+
+
+def _provenance(args: argparse.Namespace, editor: Any, model: str, image: Path) -> dict[str, Any]:
+    """Everything that decided the outputs: the settings as the editor resolved them, the seed, the versions."""
+    from ..provenance import model_revision, versions
+
+    return {
+        "source_image": str(image),
+        "source_prompt": args.source,
+        "settings": {
+            "model": model,
+            "model_family": editor.family.name,
+            "solver": editor.solver.name,
+            "solver_options": editor.solver.options(),
+            "steps": args.steps,
+            "spacing": editor.spacing,
+            "timesteps": editor.timesteps.tolist(),
+            "strength": editor.strength,
+            "guidance": editor.guidance,
+            "inversion_guidance": None if editor.npi else editor.inversion_guidance,
+            "negative_prompt": editor.negative_prompt,
+            "smoothing": list(editor.smoothing),
+            "lora": args.lora,
+            "lora_scale": args.lora_scale if editor.lora_layers else None,
+            "lora_merge": not args.lora_unmerged if editor.lora_layers else None,
+            "resize": editor.resize,
+            "size": list(editor.size),
+            "dtype": str(editor.unet.dtype).removeprefix("torch."),
+            "solver_dtype": str(editor.solver_dtype).removeprefix("torch."),
+            "device": str(editor.device),
+        },
+        "seed": args.seed,
+        "model_revision": model_revision(model),
+        "versions": versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
