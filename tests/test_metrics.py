@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from diffinv import metrics as M
+from diffinv import weights as W
 
 
 def _images(size=48, seed=0):
@@ -28,9 +29,10 @@ def _masked(a, b, mask):
     return a / 255.0 * keep, b / 255.0 * keep
 
 
-def _ssim_numpy(x, y):
-    """SSIM as torchmetrics computes it (independently): 11-tap Gaussian (sigma 1.5) over reflect-padded images,
-    the SSIM map averaged over every pixel and channel, C1 = 0.01², C2 = 0.03² for data range 1."""
+def _ssim_numpy(x, y, border=5):
+    """SSIM computed independently: 11-tap Gaussian (sigma 1.5) over reflect-padded images, C1 = 0.01², C2 = 0.03²
+    for data range 1, the SSIM map averaged over every channel and every pixel but a ``border`` (5: torchmetrics
+    <= 1.4.1, the official evaluation's; 0: torchmetrics >= 1.4.2)."""
     from scipy.ndimage import gaussian_filter
 
     def blur(z):
@@ -41,7 +43,8 @@ def _ssim_numpy(x, y):
     vy = np.maximum(blur(y * y) - my**2, 0)
     cxy = blur(x * y) - mx * my
     c1, c2 = 0.01**2, 0.03**2
-    return float(np.mean((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))))
+    full = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(np.mean(full[border : full.shape[0] - border, border : full.shape[1] - border]))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -102,7 +105,7 @@ def test_load_lpips_from_torch_hub_cache(tmp_path, monkeypatch):
     state = {f"features.{k}": v for k, v in features.items()}
     state |= {"classifier.1.weight": torch.zeros(1000, 512, 1, 1), "classifier.1.bias": torch.zeros(1000)}
     (tmp_path / "checkpoints").mkdir()
-    torch.save(state, tmp_path / "checkpoints" / M.SQUEEZENET_URL.rsplit("/", 1)[1])
+    torch.save(state, tmp_path / "checkpoints" / W.SQUEEZENET_URL.rsplit("/", 1)[1])
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     net = M.load_lpips("cpu")
     assert isinstance(net, M.SqueezeLPIPS)
@@ -208,11 +211,98 @@ def test_suite_runs_every_metric_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown metric"):
         M.parse_metrics("psnr,fid")
     # Offline with no cached weights: a clear error naming the option that leaves the metric out.
-    with pytest.raises(M.MetricWeightsError, match=r"structure_distance.*--metrics psnr,ssim"):
+    with pytest.raises(M.MetricWeightsError, match=r"structure_distance.*--metrics psnr,ssim$"):
         M.MetricSuite("structure_distance,psnr,ssim", device="cpu")
-    monkeypatch.setattr(M, "SQUEEZENET_URL", "file:///nonexistent/squeezenet1_1-00000000.pth")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: "/nonexistent-hub-dir")
-    with pytest.raises(M.MetricWeightsError, match=r"metric lpips.*--metrics psnr"):
+    with pytest.raises(M.MetricWeightsError, match=r"metric\(s\) lpips .*--metrics psnr$"):
         M.MetricSuite("psnr,lpips", device="cpu")
     with pytest.raises(ValueError, match="differ in size"):
         M.background_psnr(a, b[:10], mask)
+
+
+# -- official conventions -------------------------------------------------------------------------------------
+
+
+def _ssim_torchmetrics_141(preds, target, data_range=1.0):
+    """Transcription of torchmetrics 1.4.1 ``_ssim_update`` (2-D, Gaussian kernel, sigma 1.5, float data range)
+    followed by the per-image mean, as ``StructuralSimilarityIndexMeasure(data_range=1.0)`` in the official code."""
+    sigma = [1.5, 1.5]
+    gauss_kernel_size = [int(3.5 * s + 0.5) * 2 + 1 for s in sigma]
+    pad_h = (gauss_kernel_size[0] - 1) // 2
+    pad_w = (gauss_kernel_size[1] - 1) // 2
+    c1, c2 = pow(0.01 * data_range, 2), pow(0.03 * data_range, 2)
+    channel, dtype = preds.size(1), preds.dtype
+
+    def gaussian(size, s):  # torchmetrics.functional.image.helper._gaussian
+        dist = torch.arange((1 - size) / 2, (1 + size) / 2, 1, dtype=dtype)
+        gauss = torch.exp(-torch.pow(dist / s, 2) / 2)
+        return (gauss / gauss.sum()).unsqueeze(dim=0)
+
+    kernel_x, kernel_y = gaussian(gauss_kernel_size[0], sigma[0]), gaussian(gauss_kernel_size[1], sigma[1])
+    kernel = torch.matmul(kernel_x.t(), kernel_y).expand(channel, 1, *gauss_kernel_size)
+    preds = torch.nn.functional.pad(preds, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
+    target = torch.nn.functional.pad(target, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
+    input_list = torch.cat((preds, target, preds * preds, target * target, preds * target))
+    output_list = torch.nn.functional.conv2d(input_list, kernel, groups=channel).split(preds.shape[0])
+    mu_pred_sq, mu_target_sq = output_list[0].pow(2), output_list[1].pow(2)
+    mu_pred_target = output_list[0] * output_list[1]
+    sigma_pred_sq = torch.clamp(output_list[2] - mu_pred_sq, min=0.0)
+    sigma_target_sq = torch.clamp(output_list[3] - mu_target_sq, min=0.0)
+    sigma_pred_target = output_list[4] - mu_pred_target
+    upper = 2 * sigma_pred_target.to(dtype) + c2
+    lower = (sigma_pred_sq + sigma_target_sq).to(dtype) + c2
+    ssim_idx_full_image = ((2 * mu_pred_target + c1) * upper) / ((mu_pred_sq + mu_target_sq + c1) * lower)
+    ssim_idx = ssim_idx_full_image[..., pad_h:-pad_h, pad_w:-pad_w]
+    return float(ssim_idx.reshape(ssim_idx.shape[0], -1).mean(-1).mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ssim_is_the_official_cropped_definition(seed):
+    import torchmetrics
+    from packaging.version import Version
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    a, b, mask = _images(size=64, seed=seed)
+    x, y = (torch.from_numpy(v.astype(np.float32)).permute(2, 0, 1)[None] for v in _masked(a, b, mask))
+    official = _ssim_torchmetrics_141(x, y)
+    assert M.ssim_official(x, y) == pytest.approx(official, abs=1e-6)
+    assert M.background_ssim(a, b, mask) == pytest.approx(official, abs=1e-6)
+    installed = float(structural_similarity_index_measure(x, y, data_range=1.0))
+    if Version(torchmetrics.__version__) >= Version("1.4.2"):  # whole-map average: not the paper's number
+        assert abs(installed - official) > 1e-3
+        assert installed == pytest.approx(_ssim_numpy(*_masked(a, b, mask), border=0), abs=2e-5)
+    else:
+        assert installed == pytest.approx(official, abs=1e-6)
+
+
+def test_align_edit_official_crop():
+    rng = np.random.default_rng(0)
+    panels = Image.fromarray(rng.integers(0, 256, (512, 512 * 4, 3), dtype=np.uint8))  # src | recon | ... | edit
+    edit = M.align_edit(panels, (512, 512))
+    assert edit.size == (512, 512)
+    assert np.array_equal(np.asarray(edit), np.asarray(panels)[:, -512:])  # the right-most 512x512
+    tall = Image.fromarray(rng.integers(0, 256, (600, 512, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(M.align_edit(tall, (512, 512))), np.asarray(tall)[-512:])  # bottom 512 rows
+    same = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert M.align_edit(same, (64, 64)) is same
+    with pytest.raises(ValueError, match="1024x1024, source is 512x512"):
+        M.align_edit(Image.new("RGB", (1024, 1024)), (512, 512))
+    with pytest.raises(ValueError, match="bottom-right 512x512"):
+        M.align_edit(Image.new("RGB", (300, 200)), (512, 512))
+
+
+def test_summarize_counts_inf_apart_from_nan():
+    a, _, mask = _images()
+    psnr_same = M.background_psnr(a, a, mask)  # untouched background
+    assert math.isinf(psnr_same) and psnr_same > 0
+    values = [30.0, psnr_same, math.nan, 20.0, None]
+    s = M.summarize(values)
+    assert s == {"mean": 25.0, "n": 2, "n_inf": 1, "n_nan": 2}
+    assert math.isnan(M.summarize([math.nan])["mean"]) and M.summarize([])["n"] == 0
+
+
+def test_official_totals():
+    rows = [{"image_id": str(i), "editing_type_id": str(i % 10)} for i in range(70)]
+    totals = M.official_totals(rows)
+    assert len(totals["all"]) == 70 and len(totals["no_style"]) == 63
+    assert all(r["editing_type_id"] != "9" for r in totals["no_style"])

@@ -9,14 +9,21 @@ The definitions and their quirks follow ``cure-lab/PnPInversion`` ``evaluation/m
   with ``Resize(224, max_size=480)``.
 * ``psnr``, ``lpips``, ``mse``, ``ssim``: background preservation. Both images (in [0, 1]) are multiplied
   by ``1 - mask`` and compared over the whole image (zeros included); ``nan`` when the mask covers the
-  whole image. PSNR/MSE/SSIM come from torchmetrics (data range 1, SSIM's 11x11 Gaussian window, sigma 1.5);
-  LPIPS uses the SqueezeNet backbone, inputs in [-1, 1].
+  whole image. PSNR/MSE come from torchmetrics (data range 1); SSIM is computed here as torchmetrics <= 1.4.1
+  did (11x11 Gaussian window, sigma 1.5, map averaged without its 5-pixel border: :func:`ssim_official`),
+  whatever torchmetrics is installed; LPIPS uses the SqueezeNet backbone, inputs in [-1, 1]. PSNR is ``inf``
+  for a bit-identical background (:func:`summarize` counts those apart from ``nan``).
 * ``clip_whole``, ``clip_edited``: CLIP ViT-L/14 (``openai/clip-vit-large-patch14``) score of the edited
   image, and of the edited image with its background zeroed, against the target prompt:
   ``100 * max(cos, 0)``.
 
+* The edit is compared at the source's size (:func:`align_edit`: the official bottom-right 512x512 crop of a
+  non-square output, else the same size or refused); prompts lose their ``[ ]`` markers
+  (:func:`diffinv.bench.piebench.strip_markers`); totals are over all 700 images and over the 620 without the
+  style category (:func:`official_totals`).
+
 Every function takes the networks it needs as arguments, so tests pass small random-initialised ones and
-users the pretrained weights (``MetricSuite`` loads them).
+users the pretrained weights (``MetricSuite`` loads them, see :mod:`diffinv.weights`).
 """
 
 from __future__ import annotations
@@ -33,6 +40,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from .weights import (
+    BACKBONES,
+    WeightsUnavailable,
+    load_clip,
+    load_dino,
+    load_lpips_net,
+    missing_files,
+    resolve_weights_dir,
+)
+
 __all__ = [
     "BACKGROUND_METRICS",
     "METRICS",
@@ -41,6 +58,7 @@ __all__ = [
     "MetricSuite",
     "MetricWeightsError",
     "SqueezeLPIPS",
+    "align_edit",
     "as_uint8",
     "background_lpips",
     "background_mse",
@@ -48,17 +66,16 @@ __all__ = [
     "background_ssim",
     "clip_edited",
     "clip_whole",
+    "official_totals",
     "parse_metrics",
+    "ssim_official",
     "structure_distance",
+    "summarize",
 ]
 
 METRICS = ("structure_distance", "psnr", "lpips", "mse", "ssim", "clip_whole", "clip_edited")
 BACKGROUND_METRICS = ("psnr", "lpips", "mse", "ssim")
 
-DINO_ID = "facebook/dino-vitb8"
-CLIP_ID = "openai/clip-vit-large-patch14"
-# torchvision's ``squeezenet1_1`` ImageNet weights (the LPIPS backbone), fetched into torch's hub cache.
-SQUEEZENET_URL = "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # NOTE: the official script resizes a float tensor with torchvision's Resize; the torchvision of the
@@ -141,12 +158,39 @@ def background_mse(source: Any, edited: Any, mask: np.ndarray) -> float:
     return math.nan if pair is None else float(mean_squared_error(pair[0], pair[1]))
 
 
-def background_ssim(source: Any, edited: Any, mask: np.ndarray) -> float:
-    """SSIM (data range 1, Gaussian 11x11, sigma 1.5) of the unedited region."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
+def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The normalised 2-D Gaussian window ``(size, size)`` of torchmetrics' SSIM."""
+    dist = torch.arange((1 - size) / 2, (1 + size) / 2, 1, dtype=dtype)
+    g = torch.exp(-((dist / sigma) ** 2) / 2)
+    g = g / g.sum()
+    return g[:, None] @ g[None, :]
 
+
+def ssim_official(preds: Tensor, target: Tensor, data_range: float = 1.0) -> float:
+    """SSIM as torchmetrics <= 1.4.1 computes it (the official PIE-Bench evaluation's era).
+
+    11x11 Gaussian window (sigma 1.5) over reflect-padded ``(1, C, H, W)`` images, C1 = (0.01 R)², C2 = (0.03 R)²,
+    and the SSIM map averaged WITHOUT its 5-pixel border (torchmetrics >= 1.4.2 averages the whole map, which
+    reads higher). Written here so the number does not depend on the installed torchmetrics.
+    """
+    channels, pad = preds.shape[1], 5
+    kernel = _gaussian_window(dtype=preds.dtype).expand(channels, 1, 11, 11)
+    x = F.pad(preds, (pad,) * 4, mode="reflect")
+    y = F.pad(target, (pad,) * 4, mode="reflect")
+    out = F.conv2d(torch.cat([x, y, x * x, y * y, x * y]), kernel, groups=channels).split(preds.shape[0])
+    mu_x, mu_y = out[0], out[1]
+    var_x = torch.clamp(out[2] - mu_x**2, min=0.0)
+    var_y = torch.clamp(out[3] - mu_y**2, min=0.0)
+    cov = out[4] - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    full = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return float(full[..., pad:-pad, pad:-pad].mean())
+
+
+def background_ssim(source: Any, edited: Any, mask: np.ndarray) -> float:
+    """SSIM (official definition, :func:`ssim_official`, data range 1) of the unedited region."""
     pair = _background(source, edited, mask)
-    return math.nan if pair is None else float(structural_similarity_index_measure(pair[0], pair[1], data_range=1.0))
+    return math.nan if pair is None else ssim_official(pair[1], pair[0], data_range=1.0)
 
 
 def background_lpips(source: Any, edited: Any, mask: np.ndarray, net: Callable[[Tensor, Tensor], Tensor]) -> float:
@@ -264,22 +308,22 @@ def lpips_heads_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "functional" / "image" / "lpips_models" / "squeeze.pth"
 
 
-def load_lpips(device: torch.device | str = "cpu") -> Callable[[Tensor, Tensor], Tensor]:
-    """Pretrained LPIPS-SqueezeNet: torchmetrics' own when torchvision imports, else :class:`SqueezeLPIPS`."""
+def load_lpips(
+    device: torch.device | str = "cpu", weights: str | Path | None = None
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """Pretrained LPIPS-SqueezeNet: from the weights folder when it holds it (:class:`SqueezeLPIPS`), else
+    torchmetrics' own when torchvision imports, else :class:`SqueezeLPIPS` from torch's hub (cache first)."""
+    root = resolve_weights_dir(weights)
+    if root is not None and not missing_files(root, "lpips"):
+        return load_lpips_net(root, device)
     try:
         import torchvision  # noqa: F401
     except Exception:  # absent, or present but broken beside this torch build
-        pass
-    else:
-        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+        return load_lpips_net(root, device)
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-        return LearnedPerceptualImagePatchSimilarity(net_type="squeeze").to(device)
-    net = SqueezeLPIPS()
-    net.load_backbone(
-        torch.hub.load_state_dict_from_url(SQUEEZENET_URL, map_location="cpu", check_hash=True, weights_only=True)
-    )
-    net.load_heads(torch.load(lpips_heads_path(), map_location="cpu", weights_only=True))
-    return net.to(device)
+    load_lpips_net(root, "cpu")  # the same files torchvision fetches: fails at once when offline and not cached
+    return LearnedPerceptualImagePatchSimilarity(net_type="squeeze").to(device)
 
 
 # -- structure distance -----------------------------------------------------------------------------
@@ -383,6 +427,56 @@ def clip_edited(edited: Any, mask: np.ndarray, prompt: str, clip: ClipScorer) ->
     return clip(np.uint8(image * mask.astype(np.float64)[:, :, None]), prompt)
 
 
+# -- official conventions: edit size, summaries, totals ----------------------------------------------------
+
+
+def align_edit(edited: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The edit as the official ``evaluate.py`` compares it with a ``size = (width, height)`` source.
+
+    The official rule: a non-square output (e.g. the authors' side-by-side panels) is cropped to its bottom-right
+    512x512 (``crop((W - 512, H - 512, W, H))``); a square one is used as it is and must then be the source's
+    size (the official script asserts it). Anything else is refused: resizing would change every metric.
+    """
+    width, height = edited.size
+    if width != height:
+        if width < 512 or height < 512:
+            raise ValueError(f"edit is {width}x{height}: the official crop takes its bottom-right 512x512")
+        edited = edited.crop((width - 512, height - 512, width, height))
+    if edited.size != tuple(size):
+        raise ValueError(
+            f"edit is {edited.size[0]}x{edited.size[1]}, source is {size[0]}x{size[1]}: the official PIE-Bench "
+            "evaluation compares same-size images only (generate at the data set's resolution)"
+        )
+    return edited
+
+
+def summarize(values: Sequence[float | None]) -> dict[str, float | int]:
+    """One metric's column: ``{mean, n, n_inf, n_nan}``; the mean is over the finite values only.
+
+    ``n`` counts the finite values averaged; ``n_nan`` the ``nan`` (official ``"nan"``: a mask covering the whole
+    image) and absent values; ``n_inf`` the infinities (PSNR of a background left bit-identical). The
+    official script writes ``inf`` into its CSV, so its column mean would be ``inf``: a published finite PSNR
+    had none, and a mean here with ``n_inf > 0`` is not comparable with it (report it beside the mean).
+    """
+    floats = [math.nan if v is None else float(v) for v in values]
+    finite = [v for v in floats if math.isfinite(v)]
+    return {
+        "mean": sum(finite) / len(finite) if finite else math.nan,
+        "n": len(finite),
+        "n_inf": sum(1 for v in floats if math.isinf(v)),
+        "n_nan": sum(1 for v in floats if math.isnan(v)),
+    }
+
+
+STYLE_TYPE = 9  # PIE-Bench's "change style" category, left out of the 620-image totals
+
+
+def official_totals(rows: Sequence[dict[str, Any]], key: str = "editing_type_id") -> dict[str, list[dict[str, Any]]]:
+    """The two totals papers report: ``"all"`` (700 images on the full set) and ``"no_style"`` (620: without
+    edit type 9, the style edits that change every pixel, as in the papers' tables that leave them out)."""
+    return {"all": list(rows), "no_style": [r for r in rows if int(r[key]) != STYLE_TYPE]}
+
+
 # -- the suite -----------------------------------------------------------------------------------------
 
 
@@ -390,9 +484,10 @@ class MetricSuite:
     """The chosen metrics with their networks; ``suite(source, edited, mask, prompt)`` -> ``{name: value}``.
 
     ``dino``: a ``ViTModel``; ``clip``: ``(CLIPModel, CLIPProcessor)``; ``lpips``: a callable on images
-    in [-1, 1]. Networks not given are loaded with their pretrained weights (hub, torch hub cache) on
-    ``device``; a failure is :class:`MetricWeightsError`, naming the ``--metrics`` value that leaves the
-    metric out.
+    in [-1, 1]. Networks not given are loaded with their pretrained weights on ``device``: from ``weights``
+    (a folder in the :mod:`diffinv.weights` layout; default ``$DIFFINV_WEIGHTS``), else the hub caches, else
+    the hubs. When some cannot be loaded, one :class:`MetricWeightsError` names every metric left without
+    weights and the fix.
     """
 
     def __init__(
@@ -402,40 +497,41 @@ class MetricSuite:
         dino: nn.Module | None = None,
         clip: tuple[nn.Module, Any] | None = None,
         lpips: Callable[[Tensor, Tensor], Tensor] | None = None,
+        weights: str | Path | None = None,
     ):
         self.names = parse_metrics(metrics)
         self.device = torch.device(device)
-        self.dino = self.clip = self.lpips = None
-        if "structure_distance" in self.names:
-            self.dino = DinoStructure(dino if dino is not None else self._load("structure_distance", self._dino))
-        if {"clip_whole", "clip_edited"} & set(self.names):
-            model, processor = clip if clip is not None else self._load("clip_whole", self._clip)
-            self.clip = ClipScorer(model, processor)
-        if "lpips" in self.names:
-            self.lpips = lpips if lpips is not None else self._load("lpips", lambda: load_lpips(self.device))
+        self.weights = resolve_weights_dir(weights)
+        failures: dict[str, str] = {}
 
-    def _dino(self) -> nn.Module:
-        from transformers import ViTModel
+        def need(key: str, given: Any, loader: Callable[..., Any]) -> Any:
+            if given is not None or not set(BACKBONES[key].metrics) & set(self.names):
+                return given
+            try:
+                return loader(self.weights, self.device)
+            except Exception as err:
+                failures[key] = _first_line(err)
+                return None
 
-        return ViTModel.from_pretrained(DINO_ID, add_pooling_layer=False).to(self.device)
+        dino = need("dino", dino, load_dino)
+        clip = need("clip", clip, load_clip)
+        lpips = need("lpips", lpips, lambda w, d: load_lpips(d, w))
+        if failures:
+            raise MetricWeightsError(self._failure_message(failures))
+        self.dino = DinoStructure(dino) if dino is not None else None
+        self.clip = ClipScorer(*clip) if clip is not None else None
+        self.lpips = lpips
 
-    def _clip(self) -> tuple[nn.Module, Any]:
-        from transformers import CLIPModel, CLIPProcessor
-
-        return CLIPModel.from_pretrained(CLIP_ID).to(self.device), CLIPProcessor.from_pretrained(CLIP_ID)
-
-    def _load(self, metric: str, loader: Callable[[], Any]) -> Any:
-        try:
-            return loader()
-        except Exception as err:
-            group = ("clip_whole", "clip_edited") if metric.startswith("clip") else (metric,)
-            rest = [m for m in self.names if m not in group]
-            hint = f"--metrics {','.join(rest)}" if rest else "a different --metrics list"
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise MetricWeightsError(
-                f"cannot load the weights for metric {'/'.join(group)} ({type(err).__name__}: {first}); "
-                f"leave it out with {hint}"
-            ) from err
+    def _failure_message(self, failures: dict[str, str]) -> str:
+        lacking = [m for key in failures for m in BACKBONES[key].metrics if m in self.names]
+        rest = [m for m in self.names if m not in lacking]
+        folder = self.weights if self.weights is not None else "DIR"
+        why = "; ".join(failures.values())
+        leave = f", or leave them out with --metrics {','.join(rest)}" if rest else ""
+        return (
+            f"no weights for metric(s) {', '.join(lacking)} ({why}); fix: run 'diffinv weights download --dir "
+            f"{folder}' on a machine with internet, then pass --weights {folder} (or set DIFFINV_WEIGHTS){leave}"
+        )
 
     def __call__(self, source: Any, edited: Any, mask: np.ndarray, prompt: str) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -456,6 +552,13 @@ class MetricSuite:
             elif name == "clip_edited":
                 out[name] = clip_edited(edited, mask, prompt, self.clip)
         return out
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    if isinstance(err, WeightsUnavailable):
+        return text.splitlines()[0]
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _device_of(module: Any) -> torch.device:

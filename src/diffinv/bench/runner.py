@@ -17,8 +17,8 @@ a killed writer left are deleted when the image (or the table) is next written, 
 
 Several processes (``accelerate launch -m diffinv bench ...``, or ``torchrun``) each take the
 selected images ``rank::world_size``; the main process writes ``metrics.csv`` once all are done. Metrics
-compare the edit with the data set's image at the data set's resolution (an edit of another size, e.g.
-SDXL's 1024², is resized with bicubic filtering first).
+compare the edit with the data set's image at the data set's resolution, as the official evaluation does
+(:func:`diffinv.metrics.align_edit`: an edit of another size, e.g. SDXL's 1024², is refused).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 
 from ..devices import check_device
-from ..metrics import METRICS, MetricSuite, parse_metrics
+from ..metrics import METRICS, MetricSuite, align_edit, parse_metrics
 from ..schedules import SPACINGS
 from ..smoothing import parse_smoothing
 from ..solve import SolverDivergence
@@ -317,12 +317,14 @@ def run_bench(
     editor_factory: Callable[[RunConfig, torch.device], EditorLike] = load_editor,
     metrics: Callable[..., dict[str, float]] | None = None,
     progress: bool = True,
+    weights: str | Path | None = None,
 ) -> Path:
     """Edit every selected image not yet done in ``out`` and write its record; returns ``metrics.csv``.
 
     ``editor_factory(config, device)`` builds the editor (default: :func:`load_editor`); ``metrics`` is a
     ``(source, edited, mask, prompt) -> dict`` callable (default: a :class:`MetricSuite` with pretrained
-    weights for ``config.metrics``). Both are built only if an image remains to be done.
+    weights for ``config.metrics``, looked up in the ``weights`` folder first). Both are built only if an image
+    remains to be done.
     """
     dataset = data if isinstance(data, PieBench) else PieBench(data, types=types, ids=ids)
     if isinstance(data, PieBench) and (types is not None or ids is not None):
@@ -350,7 +352,8 @@ def run_bench(
         # Built before the folder is claimed: a configuration the editor refuses (a typo in a solver option,
         # a missing model) must not leave behind a run folder that holds it.
         editor = editor_factory(config, proc.device)
-        suite = metrics if metrics is not None else MetricSuite(config.metrics, device=proc.device)
+        _check_edit_size(editor, shard[0])
+        suite = metrics if metrics is not None else MetricSuite(config.metrics, device=proc.device, weights=weights)
     try:
         for sub in ("edited", "recon", "records", "locks"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -364,6 +367,17 @@ def run_bench(
     if proc.rank == 0:
         write_table(run_dir)
     return table
+
+
+def _check_edit_size(editor: EditorLike, record: PieRecord) -> None:
+    """Refuse, before any work, an editor whose outputs the official evaluation would not compare."""
+    size = getattr(editor, "size", None)  # (height, width) of the model input
+    width, height = record.image_size()
+    if size is not None and tuple(size) != (height, width):
+        raise ValueError(
+            f"the editor generates {size[1]}x{size[0]} images, PIE-Bench's are {width}x{height}: the official "
+            f"evaluation compares same-size images only; add --editor-option size=[{height},{width}]"
+        )
 
 
 def _run_shard(
@@ -417,9 +431,7 @@ def _run_one(
     else:
         _atomic_write(run_dir / "edited" / f"{record.id}.png", _png(edited))
         _atomic_write(run_dir / "recon" / f"{record.id}.png", _png(recon))
-        if edited.size != image.size:
-            edited = edited.resize(image.size, Image.Resampling.BICUBIC)
-        values = suite(image, edited.convert("RGB"), mask, target_prompt)
+        values = suite(image, align_edit(edited, image.size).convert("RGB"), mask, target_prompt)
         row.update({k: float(v) for k, v in values.items()}, diverged=0)
     row.update(
         source_prompt=source_prompt,

@@ -27,3 +27,16 @@ def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
                 value = raw
         out[key.strip()] = value
     return out
+
+
+def add_weights_argument(parser: Any) -> None:
+    """The ``--weights DIR`` option of every command that loads metric networks (see :mod:`diffinv.weights`)."""
+    from pathlib import Path
+
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        metavar="DIR",
+        help="folder of metric weights (diffinv weights download --dir DIR), looked up before the hub "
+        "(default: $DIFFINV_WEIGHTS)",
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import UsageError
-from . import parse_key_values
+from . import add_weights_argument, parse_key_values
 
 
 def add_parser(sub: Any) -> None:
@@ -40,6 +40,7 @@ def add_parser(sub: Any) -> None:
         default="all",
         help="comma-separated subset of structure_distance,psnr,lpips,mse,ssim,clip_whole,clip_edited",
     )
+    add_weights_argument(p)
     p.add_argument("--preset", help="run a paper experiment (several runs, one folder each under --out)")
     p.add_argument("--only", help="with --preset: only these runs (comma-separated names)")
     p.add_argument("--list-presets", action="store_true", help="print the presets and their runs, then exit")
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit,
             device=args.device,
             progress=not args.no_progress,
+            weights=args.weights,
         )
         print(table)
     return 0
