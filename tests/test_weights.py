@@ -148,3 +148,25 @@ def test_bench_passes_weights_and_refuses_other_sizes(weights_dir, tmp_path, mon
             progress=False,
         )
     assert not (tmp_path / "big").exists()
+
+
+def test_unreachable_hub_is_one_phrase(monkeypatch):
+    import socket
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    hosts = []
+
+    def refuse(address, timeout):
+        hosts.append((address, timeout))
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert W.hub_offline_reason() == "huggingface.co is unreachable (Connection refused)"
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example.org")
+    assert W.hub_offline_reason().startswith("hf-mirror.example.org is unreachable")
+    assert hosts == [(("huggingface.co", 443), 3.0), (("hf-mirror.example.org", 443), 3.0)]
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # the hub client goes through the proxy: not judged here
+    assert W.hub_offline_reason() is None
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert W.hub_offline_reason() == "the hub is off (HF_HUB_OFFLINE=1)"

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -114,10 +115,15 @@ def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def hub_offline_reason(host: str = "huggingface.co", timeout: float = 3.0) -> str | None:
-    """Why ``host`` cannot be reached now (one short phrase), or None when it answers a TCP connect."""
+def hub_offline_reason(host: str | None = None, timeout: float = 3.0) -> str | None:
+    """Why ``host`` (default: ``$HF_ENDPOINT``'s, else huggingface.co) cannot be reached now, as one short
+    phrase, or None when it answers a TCP connect (or a proxy is configured: the hub client then decides)."""
     if _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE"):
         return "the hub is off (HF_HUB_OFFLINE=1)"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    if host is None:
+        host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError as err:
