@@ -289,6 +289,8 @@ def test_align_edit_official_crop():
         M.align_edit(Image.new("RGB", (1024, 1024)), (512, 512))
     with pytest.raises(ValueError, match="bottom-right 512x512"):
         M.align_edit(Image.new("RGB", (300, 200)), (512, 512))
+    small = Image.fromarray(rng.integers(0, 256, (64, 192, 3), dtype=np.uint8))  # a 64x64 data set's panels
+    assert np.array_equal(np.asarray(M.align_edit(small, (64, 64))), np.asarray(small)[:, -64:])
 
 
 def test_summarize_counts_inf_apart_from_nan():

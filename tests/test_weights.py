@@ -170,3 +170,36 @@ def test_unreachable_hub_is_one_phrase(monkeypatch):
     assert W.hub_offline_reason() is None
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert W.hub_offline_reason() == "the hub is off (HF_HUB_OFFLINE=1)"
+
+
+def test_bench_scores_the_last_panel_of_a_side_by_side_output(tmp_path):
+    from PIL import Image
+
+    from diffinv.bench import PieBench, read_records
+
+    class Panels(FakeEditor):  # source | edit, as the official scripts save their outputs
+        def edit(self, inv, targets):
+            out = super().edit(inv, targets)[0]
+            canvas = Image.new("RGB", (2 * out.width, out.height))
+            canvas.paste(out, (out.width, 0))
+            return [canvas]
+
+    data, _ = make_dataset(tmp_path / "pie", size=64, n=3)
+    psnr = lambda source, edited, mask, prompt: {"psnr": M.background_psnr(source, edited, mask)}  # noqa: E731
+    run_bench(
+        RunConfig(model="fake", metrics="psnr"),
+        data,
+        tmp_path / "run",
+        device="cpu",
+        editor_factory=lambda c, d: Panels(c, d),
+        metrics=psnr,
+        progress=False,
+    )
+    records = {r["image_id"]: r for r in read_records(tmp_path / "run")}
+    for record in PieBench(data):
+        saved = Image.open(tmp_path / "run" / "edited" / f"{record.id}.png")
+        assert saved.size == (128, 64)
+        expected = M.background_psnr(record.image(), saved.crop((64, 0, 128, 64)), record.mask())
+        assert records[record.id]["psnr"] == expected or (
+            math.isnan(expected) and math.isnan(records[record.id]["psnr"])
+        )

@@ -431,20 +431,22 @@ def clip_edited(edited: Any, mask: np.ndarray, prompt: str, clip: ClipScorer) ->
 
 
 def align_edit(edited: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """The edit as the official ``evaluate.py`` compares it with a ``size = (width, height)`` source.
+    """The edit as the official ``evaluate.py`` compares it with a source of ``size = (width, height)``.
 
-    The official rule: a non-square output (e.g. the authors' side-by-side panels) is cropped to its bottom-right
-    512x512 (``crop((W - 512, H - 512, W, H))``); a square one is used as it is and must then be the source's
-    size (the official script asserts it). Anything else is refused: resizing would change every metric.
+    The official rule: a non-square output (e.g. the authors' side-by-side panels, the edit last) is cropped to
+    its bottom-right 512x512, ``crop((W - 512, H - 512, W, H))`` (PIE-Bench's sources are all 512x512; here the
+    box is the source's size); a square output is used as it is and must then be the source's size (the official
+    script asserts it). Anything else is refused: resizing would change every metric.
     """
     width, height = edited.size
+    w, h = size
     if width != height:
-        if width < 512 or height < 512:
-            raise ValueError(f"edit is {width}x{height}: the official crop takes its bottom-right 512x512")
-        edited = edited.crop((width - 512, height - 512, width, height))
-    if edited.size != tuple(size):
+        if width < w or height < h:
+            raise ValueError(f"edit is {width}x{height}: the official crop takes its bottom-right {w}x{h}")
+        edited = edited.crop((width - w, height - h, width, height))
+    if edited.size != (w, h):
         raise ValueError(
-            f"edit is {edited.size[0]}x{edited.size[1]}, source is {size[0]}x{size[1]}: the official PIE-Bench "
+            f"edit is {edited.size[0]}x{edited.size[1]}, source is {w}x{h}: the official PIE-Bench "
             "evaluation compares same-size images only (generate at the data set's resolution)"
         )
     return edited
