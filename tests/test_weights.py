@@ -203,3 +203,38 @@ def test_bench_scores_the_last_panel_of_a_side_by_side_output(tmp_path):
         assert records[record.id]["psnr"] == expected or (
             math.isnan(expected) and math.isnan(records[record.id]["psnr"])
         )
+
+
+def test_download_writes_the_layout_the_metrics_read(tmp_path, monkeypatch, capsys):
+    """``weights download`` with the hubs replaced by tiny random networks: the folder it fills passes
+    ``weights check`` and the metrics load every backbone from it, the hub ids being the metrics' own."""
+    import transformers
+
+    asked = []
+    vit, (clip_model, processor) = tiny_vit(), tiny_clip()
+    lpips = M.SqueezeLPIPS()
+    for p in lpips.features.parameters():
+        p.data.normal_(0, 0.1)
+    backbone = {f"features.{k}": v for k, v in lpips.features.state_dict().items()}
+
+    def hub(obj):
+        return classmethod(lambda cls, name, **kw: asked.append(name) or obj)
+
+    monkeypatch.setattr(W, "hub_offline_reason", lambda *a, **k: None)
+    monkeypatch.setattr(transformers.ViTModel, "from_pretrained", hub(vit))
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", hub(clip_model))
+    monkeypatch.setattr(transformers.CLIPProcessor, "from_pretrained", hub(processor))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kw: asked.append(url) or backbone)
+    root = tmp_path / "w"
+    assert main(["weights", "download", "--dir", str(root)]) == 0
+    assert asked == [W.DINO_ID, W.CLIP_ID, W.CLIP_ID, W.SQUEEZENET_URL]
+    assert capsys.readouterr().out.count("present ") == 3
+    monkeypatch.undo()
+    assert W.check_weights(root) == {"dino": [], "clip": [], "lpips": []}
+    suite = M.MetricSuite(device="cpu", weights=root)
+    assert suite.dino.model.embeddings.patch_embeddings.projection.weight.equal(
+        vit.embeddings.patch_embeddings.projection.weight
+    )
+    assert suite.lpips.features[0].weight.equal(lpips.features[0].weight)
+    heads = torch.load(M.lpips_heads_path(), map_location="cpu", weights_only=True)
+    assert suite.lpips.lin6.model[1].weight.equal(heads["lin6.model.1.weight"])  # the shipped heads, copied
