@@ -236,7 +236,9 @@ def download_weights(root: str | Path, log: Callable[[str], None] = print) -> di
             CLIPModel.from_pretrained(CLIP_ID).save_pretrained(target)
             CLIPProcessor.from_pretrained(CLIP_ID).save_pretrained(target)
         else:
-            state = torch.hub.load_state_dict_from_url(SQUEEZENET_URL, map_location="cpu", check_hash=True)
+            state = torch.hub.load_state_dict_from_url(
+                SQUEEZENET_URL, map_location="cpu", check_hash=True, weights_only=True
+            )
             torch.save(state, target / SQUEEZENET_FILE)
             from .metrics import lpips_heads_path
 
