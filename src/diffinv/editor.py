@@ -33,6 +33,7 @@ from .families import Conditioning, family_for_model, family_of
 from .fields import EpsModel, as_eps_model
 from .images import RESIZE_MODES, ImageLike, load_image, pil_to_tensor, tensor_to_pil
 from .smoothing import SMOOTH_LORA_ID, ProximalGuidance, load_lora, parse_smoothing
+from .runtime import check_options, configure
 from .solve import Inversion, generate, invert
 from .solvers import Solver, State, get_solver, resolve_spacing
 
@@ -144,7 +145,11 @@ class Editor:
     ``lora``/``lora_scale``/``lora_merge``: the Smooth-Diffusion LoRA source, strength, and whether it is
     merged into the UNet's weights (default) or applied by forward hooks (``editor.lora_hooks.remove()`` undoes it).
     ``allow_pickle``: accept a pickled LoRA checkpoint (loaded as tensors only); default: safetensors only.
-    ``dtype``/``device``: move the pipeline; ``solver_dtype``: the solver state's dtype.
+    ``dtype``/``device``: move the pipeline (under ``offload``, ``device`` is where the models run);
+    ``solver_dtype``: the solver state's dtype (it stays on the execution device).
+    ``offload`` (``"model"``/``"sequential"``), ``vae_tiling``, ``vae_slicing``, ``compile`` (True or a
+    ``torch.compile`` mode): memory and speed options through diffusers' and torch's own mechanisms
+    (:mod:`diffinv.runtime`).
     ``size``: ``(height, width)`` of the model input (default: the model's native size) and ``resize``
     how images are fitted to it (:mod:`diffinv.images`). ``progress``: tqdm bars per phase.
     """
@@ -172,12 +177,19 @@ class Editor:
         resize: str = "crop",
         progress: bool = True,
         solver_options: dict[str, Any] | None = None,
+        offload: str | None = None,
+        vae_tiling: bool = False,
+        vae_slicing: bool = False,
+        compile: bool | str = False,
     ):
+        check_options(offload, compile)
         for part in ("vae", "scheduler", "encode_prompt"):
             if getattr(pipe, part, None) is None:
                 raise ValueError(f"pipe must be a diffusers text-to-image pipeline; it has no {part}")
         self.pipe = pipe
-        if device is not None or dtype is not None:
+        if offload is not None and dtype is not None:
+            pipe.to(dtype=dtype)  # offload places the models itself
+        elif device is not None or dtype is not None:
             pipe.to(device=device, dtype=dtype)
         self.family = family_of(pipe)
         self.vae = self.family.vae
@@ -236,6 +248,8 @@ class Editor:
             applied = load_lora(self.unet, source, self.lora_scale, merge=lora_merge, allow_pickle=allow_pickle)
             self.lora_hooks = None if isinstance(applied, list) else applied
             self.lora_layers = applied if isinstance(applied, list) else applied.layers
+        self.offload, self.compile = offload, compile
+        configure(pipe, self.unet, device, offload, vae_tiling, vae_slicing, compile)
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -286,7 +300,8 @@ class Editor:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        """Where the models compute and the solver state lives."""
+        return self.family.execution_device
 
     def unet_eps(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """The denoiser's noise prediction for batch ``x`` (solver dtype) under ``cond``, in ``x``'s dtype."""

@@ -40,3 +40,35 @@ def add_weights_argument(parser: Any) -> None:
         help="folder of metric weights (diffinv weights download --dir DIR), looked up before the hub "
         "(default: $DIFFINV_WEIGHTS)",
     )
+def add_runtime_arguments(p: Any) -> None:
+    """The memory and speed options (:mod:`diffinv.runtime`), shared by ``edit`` and ``bench``."""
+    from ..runtime import COMPILE_MODE, COMPILE_MODES, OFFLOAD_CHOICES
+
+    p.add_argument(
+        "--offload",
+        choices=OFFLOAD_CHOICES,
+        default=None,
+        help="CPU offload through diffusers: 'model' (whole models move to the GPU in turn: SDXL fits 12-16 GB) "
+        "or 'sequential' (layer by layer: least memory, slowest); needs a GPU (default: none)",
+    )
+    p.add_argument("--vae-tiling", action="store_true", help="encode/decode in VAE tiles (large images)")
+    p.add_argument("--vae-slicing", action="store_true", help="encode/decode one image at a time (large batches)")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const=COMPILE_MODE,
+        default=None,
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help=f"torch.compile the denoiser (mode default {COMPILE_MODE}; the first call of each shape compiles)",
+    )
+
+
+def runtime_options(args: Any) -> dict[str, Any]:
+    """The Editor keywords of :func:`add_runtime_arguments`' options."""
+    return {
+        "offload": args.offload,
+        "vae_tiling": args.vae_tiling,
+        "vae_slicing": args.vae_slicing,
+        "compile": args.compile or False,
+    }

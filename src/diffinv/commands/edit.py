@@ -14,7 +14,7 @@ from ..devices import check_device
 from ..images import check_output_path, image_grid, load_image, psnr, save_image
 from ..smoothing import SMOOTHINGS
 from ..solvers import SPACING_CHOICES, get_solver
-from . import parse_key_values
+from . import add_runtime_arguments, parse_key_values, runtime_options
 
 DTYPES = ("fp16", "bf16", "fp32")
 
@@ -71,6 +71,7 @@ def add_parser(sub: Any) -> None:
         "captioned",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_runtime_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -157,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
             allow_pickle=args.allow_pickle,
             resize=args.resize,
             progress=not args.no_progress,
+            **runtime_options(args),
         )
         record = _provenance(args, editor, model, image)
         inv = editor.invert(image, args.source, generator=generator)
@@ -215,6 +217,7 @@ def _provenance(args: argparse.Namespace, editor: Any, model: str, image: Path) 
             "dtype": str(editor.unet.dtype).removeprefix("torch."),
             "solver_dtype": str(editor.solver_dtype).removeprefix("torch."),
             "device": str(editor.device),
+            **runtime_options(args),
         },
         "seed": args.seed,
         "model_revision": model_revision(model),

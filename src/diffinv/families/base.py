@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..runtime import execution_device
 from ..schedules import NoiseSchedule, make_grid
 
 __all__ = ["Conditioning", "ModelFamily", "diffusers_timesteps"]
@@ -130,7 +131,7 @@ class ModelFamily:
     def placed(self) -> Iterator[None]:
         """Look up the denoiser's device and dtype once for a whole solve instead of on every call:
         diffusers' ``ModelMixin.device``/``.dtype`` walk every submodule (a fifth of a tiny UNet's call)."""
-        self._placement = (self.denoiser.device, self.denoiser.dtype)
+        self._placement = (self.execution_device, self.denoiser.dtype)
         try:
             yield
         finally:
@@ -139,7 +140,12 @@ class ModelFamily:
     @property
     def placement(self) -> tuple[torch.device, torch.dtype]:
         """``(device, dtype)`` of the denoiser (cached inside :meth:`placed`)."""
-        return self._placement or (self.denoiser.device, self.denoiser.dtype)
+        return self._placement or (self.execution_device, self.denoiser.dtype)
+
+    @property
+    def execution_device(self) -> torch.device:
+        """Where the models compute (the accelerator under CPU offload, where the weights sit otherwise)."""
+        return execution_device(self.pipe, self.denoiser)
 
     # -- prompts -----------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str], size: tuple[int, int]) -> Conditioning:
@@ -162,9 +168,11 @@ class ModelFamily:
         """Image sides must be multiples of this."""
         raise NotImplementedError
 
-    def _latent_norm(self, dtype: torch.dtype) -> tuple[float, Tensor | None, Tensor | None, float]:
+    def _latent_norm(
+        self, dtype: torch.dtype, device: torch.device
+    ) -> tuple[float, Tensor | None, Tensor | None, float]:
         cfg = self.vae.config
-        to = {"device": self.vae.device, "dtype": dtype}
+        to = {"device": device, "dtype": dtype}
         mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
         mean = None if mean is None else torch.tensor(mean, **to).view(1, -1, 1, 1)
         std = None if std is None else torch.tensor(std, **to).view(1, -1, 1, 1)
@@ -175,17 +183,17 @@ class ModelFamily:
         """Scaled latents in ``dtype`` of images ``pixels`` ``(N, 3, H, W)`` in ``[-1, 1]``: the VAE posterior mean,
         or a sample with ``generator``; ``(z - shift) * scale``, or ``(z - mean) * scale / std`` for VAEs with
         per-channel latent statistics, as diffusers' pipelines normalise them."""
-        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        dist = self.vae.encode(pixels.to(self.execution_device, self.vae.dtype)).latent_dist
         lat = (dist.mean if generator is None else dist.sample(generator)).to(dtype)
-        scale, mean, std, shift = self._latent_norm(dtype)
+        scale, mean, std, shift = self._latent_norm(dtype, lat.device)
         if mean is not None and std is not None:
             return (lat - mean) * scale / std
         return (lat - shift) * scale
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Images ``(N, 3, H, W)`` in about ``[-1, 1]`` of scaled latents (the inverse of :meth:`encode_images`)."""
-        scale, mean, std, shift = self._latent_norm(latents.dtype)
-        lat = latents.to(self.vae.device)
+        lat = latents.to(self.execution_device)
+        scale, mean, std, shift = self._latent_norm(latents.dtype, lat.device)
         lat = lat * std / scale + mean if mean is not None and std is not None else lat / scale + shift
         return self.vae.decode(lat.to(self.vae.dtype), return_dict=False)[0]
 
