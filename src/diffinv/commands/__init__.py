@@ -40,6 +40,8 @@ def add_weights_argument(parser: Any) -> None:
         help="folder of metric weights (diffinv weights download --dir DIR), looked up before the hub "
         "(default: $DIFFINV_WEIGHTS)",
     )
+
+
 def add_runtime_arguments(p: Any) -> None:
     """The memory and speed options (:mod:`diffinv.runtime`), shared by ``edit`` and ``bench``."""
     from ..runtime import COMPILE_MODE, COMPILE_MODES, OFFLOAD_CHOICES
