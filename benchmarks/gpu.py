@@ -1,0 +1,355 @@
+"""Throughput at benchmark scale: ``python benchmarks/gpu.py`` (on a GPU; on a CPU it runs the tiny models).
+
+Builds full-size SD 1.5 and SDXL pipelines from their published configs with random weights (no download:
+the numbers are about speed and memory, not pictures) and measures, per solver:
+
+* **overhead ratio** = wall / (model calls x median isolated model call), for invert + edit + reconstruct of one
+  image in latent space (the solver, grid, guidance and batching cost on top of the network);
+* **images/s** at batch B = 1, 2, 4, 8 (B images inverted, edited and reconstructed together), eager and with
+  ``compile`` (:mod:`diffinv.runtime`); the first compiled run's extra time is reported apart;
+* **peak GPU memory** of those runs, and of SDXL under ``offload="model"``;
+* ``Editor.edit`` (DDIM) against the plain diffusers pipeline at equal model calls.
+
+It writes (or replaces) its own section of BENCHMARKS.md, titled with the device's name; ``make bench``
+keeps that section when it rewrites the rest. On a CPU (no ``--device cuda``) it runs the tests' tiny pipeline
+so the script itself is exercised everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+from common import ModuleTimer, _tests_tiny, fmt_s, latent, machine_info, md_table
+
+from diffinv.editor import Editor
+
+SOLVERS = ("ddim", "dpmpp_2m", "ees27", "rk4", "edict", "bdia", "belm", "rex", "reversible_heun")
+BATCHES = (1, 2, 4, 8)
+SOURCE, TARGET = "a photo of a cat", "a photo of a dog"
+BEGIN, END = "<!-- gpu.py section: begin -->", "<!-- gpu.py section: end -->"
+
+
+# -- full-size pipelines from published configs, random weights ------------------------------------------------
+
+
+def _clip(hidden: int, layers: int, heads: int, act: str, projection: bool) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=hidden,
+        bos_token_id=0,
+        eos_token_id=1,  # the tests' in-memory tokenizer's ids (no tokenizer files offline)
+        pad_token_id=1,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _vae(scaling: float, sample_size: int) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=sample_size,
+        scaling_factor=scaling,
+    )
+
+
+def sd15_pipe() -> Any:
+    """SD 1.5's architecture (UNet 860 M, CLIP ViT-L text encoder, the KL VAE), random weights."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    tiny = _tests_tiny()
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    return StableDiffusionPipeline(
+        vae=_vae(0.18215, 512),
+        text_encoder=_clip(768, 12, 12, "quick_gelu", False),
+        tokenizer=tiny.tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=tiny.sd_ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def sdxl_pipe() -> Any:
+    """SDXL base's architecture (UNet 2.6 B, CLIP ViT-L + OpenCLIP ViT-bigG text encoders, the VAE), random weights."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tiny = _tests_tiny()
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    sched = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(0.13025, 1024),
+        text_encoder=_clip(768, 12, 12, "quick_gelu", False),
+        text_encoder_2=_clip(1280, 32, 20, "gelu", True),
+        tokenizer=tiny.tiny_clip_tokenizer(),
+        tokenizer_2=tiny.tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=sched,
+    )
+
+
+# -- measurements --------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> str:
+    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a (CPU)"
+
+
+def _round_trip(editor: Editor, x0: torch.Tensor) -> int:
+    """Invert, edit and reconstruct the latents ``x0`` (one target each); returns the inversion's model calls."""
+    inv = editor.invert_latent(x0, SOURCE)
+    editor.edit(inv, TARGET, output_type="latent")
+    editor.reconstruct(inv, output_type="latent")
+    return inv.nfe
+
+
+def _timed(editor: Editor, x0: torch.Tensor, repeat: int) -> tuple[list[float], int]:
+    walls, nfe = [], 0
+    for _ in range(repeat):
+        _sync(editor.device)
+        start = time.perf_counter()
+        nfe = _round_trip(editor, x0)
+        _sync(editor.device)
+        walls.append(time.perf_counter() - start)
+    return walls, nfe
+
+
+def _isolated_call(editor: Editor, x: torch.Tensor, repeat: int) -> float:
+    """Median seconds of one guided model call (CFG batch 2 x images), timed alone."""
+    model = editor.eps_model([SOURCE] * x.shape[0])
+    t = torch.full((x.shape[0],), 500.0, dtype=torch.float64, device=x.device)
+    with torch.inference_mode(), editor.family.placed():
+        model(x, t)
+        samples = []
+        for _ in range(repeat):
+            _sync(editor.device)
+            start = time.perf_counter()
+            model(x, t)
+            _sync(editor.device)
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def overhead_rows(pipe: Any, size: int, steps: int, solvers: tuple[str, ...], repeat: int) -> list[list[Any]]:
+    rows = []
+    base = Editor(pipe, steps=steps, progress=False)
+    x0 = latent(size, 1).to(base.device)
+    call = _isolated_call(base, x0, max(5, repeat * 3))
+    for solver in solvers:
+        editor = Editor(pipe, solver=solver, steps=steps, progress=False)
+        timer = ModuleTimer(editor.unet)
+        _round_trip(editor, x0)  # warm-up
+        timer.seconds = 0.0
+        walls, nfe = _timed(editor, x0, repeat)
+        inside = timer.seconds / repeat
+        timer.remove()
+        calls = 3 * nfe  # invert, edit and reconstruct make the same number of guided calls
+        wall = statistics.median(walls)
+        rows.append([solver, calls, fmt_s(wall), f"{wall / (calls * call):.3f}", f"{wall / inside:.3f}"])
+    return rows
+
+
+def batch_rows(
+    pipe: Any, size: int, steps: int, solver: str, compile_modes: list[bool], repeat: int
+) -> list[list[Any]]:
+    rows = []
+    for compiled in compile_modes:
+        editor = Editor(pipe, solver=solver, steps=steps, progress=False, compile=compiled)
+        for batch in BATCHES:
+            x0 = latent(size, batch, seed=batch).to(editor.device)
+            _peak_reset(editor.device)
+            first, _ = _timed(editor, x0, 1)  # compiles this batch's shapes when compiled
+            walls, _ = _timed(editor, x0, repeat)
+            wall = statistics.median(walls)
+            rows.append(
+                [
+                    "compiled" if compiled else "eager",
+                    batch,
+                    fmt_s(wall),
+                    f"{batch / wall:.3f}",
+                    fmt_s(max(0.0, first[0] - wall)),
+                    _peak(editor.device),
+                ]
+            )
+        if compiled:
+            torch._dynamo.reset()
+    return rows
+
+
+def pipeline_row(pipe: Any, size: int, steps: int, repeat: int) -> list[Any]:
+    """``Editor.edit`` (DDIM) vs ``pipe(...)`` from the same noise with as many UNet calls."""
+    editor = Editor(pipe, solver="ddim", steps=steps, progress=False)
+    inv = editor.invert_latent(latent(size, 1).to(editor.device), SOURCE)
+    walls: dict[str, list[float]] = {"ours": [], "theirs": []}
+    fns = {
+        "ours": lambda: editor.edit(inv, TARGET, output_type="latent"),
+        "theirs": lambda: pipe(
+            TARGET,
+            num_inference_steps=inv.nfe,
+            guidance_scale=editor.guidance,
+            latents=inv.latent.to(pipe.unet.dtype),
+            output_type="latent",
+        ),
+    }
+    for fn in fns.values():
+        fn()
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            _sync(editor.device)
+            start = time.perf_counter()
+            fn()
+            _sync(editor.device)
+            walls[name].append(time.perf_counter() - start)
+    ours, theirs = statistics.median(walls["ours"]), statistics.median(walls["theirs"])
+    return [inv.nfe, fmt_s(ours), fmt_s(theirs), f"{ours / theirs:.3f}"]
+
+
+def offload_row(pipe: Any, size: int, steps: int, device: torch.device) -> list[Any]:
+    """Peak GPU memory and wall time of one DDIM round trip with ``offload="model"``."""
+    _peak_reset(device)
+    editor = Editor(pipe, solver="ddim", steps=steps, progress=False, offload="model", device=device)
+    walls, _ = _timed(editor, latent(size, 1).to(device), 1)
+    return ["model", fmt_s(walls[0]), _peak(device)]
+
+
+# -- the report ----------------------------------------------------------------------------------------------
+
+
+def measure(args: argparse.Namespace) -> str:
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        models = {"SD 1.5 (fp16)": (sd15_pipe, 64), "SDXL (fp16)": (sdxl_pipe, 128)}
+    else:
+        models = {"tiny SD UNet (fp32, CPU)": (_tests_tiny().tiny_sd_pipe, 8)}
+    info = machine_info()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({info['cpu']})"
+    compile_modes = [False] if args.no_compile else [False, True]
+    parts = [
+        f"## GPU benchmark: {name}",
+        "",
+        f"`python benchmarks/gpu.py --device {args.device} --steps {args.steps}` on {info['date']}, torch "
+        f"{info['torch']}, diffusers {info['diffusers']}. Random weights in the published architectures (no download); "
+        "latent space (no VAE), one target per image, CFG on (batch 2 per image). Overhead ratio = wall / "
+        "(model calls x median isolated call); ratio vs inside = wall / time inside the UNet in the same run.",
+        "",
+    ]
+    for label, (build, size) in models.items():
+        print(f"[gpu] {label} ...", file=sys.stderr, flush=True)
+        pipe = build().to(device=device, dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        parts += [f"### {label}", "", f"Solver overhead, {args.steps} steps, B = 1:", ""]
+        rows = overhead_rows(pipe, size, args.steps, tuple(args.solvers), args.repeat)
+        parts += [md_table(["solver", "model calls", "wall", "overhead ratio", "ratio vs inside"], rows), ""]
+        parts += [f"Images/s ({args.batch_solver}, invert + edit + reconstruct per image):", ""]
+        rows = batch_rows(pipe, size, args.steps, args.batch_solver, compile_modes, args.repeat)
+        head = ["mode", "B", "wall", "images/s", "first-run extra (compile)", "peak GPU memory"]
+        parts += [md_table(head, rows), ""]
+        row = pipeline_row(pipe, size, args.steps, args.repeat)
+        parts += ["Editor.edit (DDIM) vs the diffusers pipeline, same UNet calls:", ""]
+        parts += [md_table(["UNet calls", "Editor", "pipeline", "ratio"], [row]), ""]
+        if device.type == "cuda" and "SDXL" in label:
+            pipe.to("cpu")
+            torch.cuda.empty_cache()
+            parts += [
+                "SDXL with CPU offload:",
+                "",
+                md_table(["offload", "wall", "peak GPU memory"], [offload_row(pipe, size, args.steps, device)]),
+                "",
+            ]
+        del pipe
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return "\n".join(parts)
+
+
+def write_section(path: Path, text: str) -> None:
+    """Put ``text`` between this script's markers in ``path``, replacing an earlier section."""
+    block = f"{BEGIN}\n{text}\n{END}"
+    old = path.read_text() if path.exists() else ""
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
+def kept_section(path: Path) -> str:
+    """This script's section of ``path`` (markers included), or ``""``: for ``benchmarks/run.py`` to keep."""
+    if not path.exists():
+        return ""
+    found = re.search(re.escape(BEGIN) + r".*?" + re.escape(END), path.read_text(), re.S)
+    return found.group(0) if found else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=50, help="solver steps (default 50; PIE-Bench's)")
+    parser.add_argument("--solvers", nargs="+", default=list(SOLVERS), help="solvers of the overhead table")
+    parser.add_argument("--batch-solver", default="ees27", help="the solver of the images/s table (default ees27)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed repeats per measurement (median)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled runs")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    begin = time.perf_counter()
+    with torch.inference_mode():
+        text = measure(args)
+    text += f"\n*Section time: {time.perf_counter() - begin:.0f} s.*"
+    write_section(args.out, text)
+    print(f"[gpu] wrote the section into {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
