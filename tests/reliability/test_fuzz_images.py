@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from helpers import fuzz
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
@@ -17,7 +18,7 @@ from diffinv.images import load_image
 
 from .common import bomb_png
 
-FUZZ = settings(max_examples=60, deadline=None)
+FUZZ = fuzz(60)
 MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "LA", "PA", "RGBX", "RGBa", "La"]
 MODES += ["I;16", "I;16B", "I;16L"]
 SIZES = st.none() | st.tuples(st.integers(1, 24), st.integers(1, 24))

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from helpers import fuzz
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -295,7 +296,7 @@ OPTION_VALUES = st.one_of(
 )
 
 
-@settings(max_examples=80, deadline=None)
+@fuzz(80)
 @given(solver=st.sampled_from(list_solvers()), data=st.data())
 def test_solver_options_build_or_raise_value_error(solver, data):
     names = [*sorted(solver_options(solver)), "bogus"]
