@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
 import torch
+from hypothesis import settings
 from scipy.integrate import solve_ivp
 
 from diffinv.analytic import GaussianMixture
@@ -73,3 +75,15 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def isclose_all(values, expected, tol: float) -> bool:
     return all(math.isclose(v, e, abs_tol=tol) for v, e in zip(values, expected, strict=True))
+
+
+def in_ci() -> bool:
+    """Whether the suite runs in CI (``CI=true``, as ``make test`` and ``.ci/run`` set it)."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def fuzz(max_examples: int, **options) -> settings:
+    """Hypothesis settings of a fuzz test: ``max_examples`` in the deterministic ``ci`` profile, ten times as many
+    under ``HYPOTHESIS_PROFILE=explore`` (tests/conftest.py); no deadline (the machine is shared)."""
+    explore = settings.get_current_profile_name() == "explore"
+    return settings(max_examples=max_examples * (10 if explore else 1), deadline=None, **options)

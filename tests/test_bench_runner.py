@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+from helpers import in_ci
 from PIL import Image
 from test_piebench import make_dataset
 
@@ -255,7 +256,8 @@ def _editor_available() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _editor_available(), reason="diffinv.editor (the Editor issue) is not in this tree yet")
+# Under CI=true a broken import fails the test instead of skipping it.
+@pytest.mark.skipif(not (_editor_available() or in_ci()), reason="diffinv.editor does not import here")
 def test_cli_end_to_end_with_real_editor(data, tmp_path, capsys):
     """`diffinv bench` on a tiny saved pipeline with the real Editor, 3 solvers, the offline-loadable metrics."""
     from tiny import tiny_sd_pipe

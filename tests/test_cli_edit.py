@@ -73,6 +73,15 @@ def test_edit_default_output_and_options(setup, capsys):
     assert record["settings"]["smoothing"] == ["npi", "proximal"] and record["settings"]["guidance"] == 7.5
     assert record["settings"]["inversion_guidance"] is None  # NPI inverts without CFG
     assert "reconstruction_psnr" not in record  # no --grid: no reconstruction
+    # Each option took effect: leaving one out changes the edit.
+    edited = np.asarray(Image.open(setup / "photo_edit.png"), dtype=np.int16)
+    for name, left_out in (
+        ("no_form", ["--smoothing", "npi", "proximal"]),
+        ("no_smoothing", ["--solver-option", "form=sigma"]),
+    ):
+        out = setup / f"{name}.png"
+        assert _edit(setup, "--target", "a dog", *left_out, "--seed", "3", "--out", str(out)) == 0
+        assert np.abs(np.asarray(Image.open(out), dtype=np.int16) - edited).max() > 1, name
 
 
 def test_edit_with_a_lora_file_merged_or_unmerged(setup, capsys):
@@ -95,6 +104,9 @@ def test_edit_with_a_lora_file_merged_or_unmerged(setup, capsys):
         assert rc == 0, capsys.readouterr().err
         outs[mode] = np.asarray(Image.open(out), dtype=np.int16)
     assert np.abs(outs["merged"] - outs["unmerged"]).max() <= 1  # the same edit, up to float32 rounding
+    assert _edit(setup, "--target", "a dog", "--out", str(setup / "no_lora.png")) == 0
+    plain = np.asarray(Image.open(setup / "no_lora.png"), dtype=np.int16)
+    assert np.abs(outs["merged"] - plain).max() > 1  # the LoRA changed the edit
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,61 @@ def test_squeeze_lpips_matches_torchmetrics(monkeypatch):
     assert net.lin3.model[1].weight.equal(heads["lin3.model.1.weight"])
 
 
+def _squeeze_lpips_reference(features, heads, a, b):
+    """LPIPS-SqueezeNet written from torchvision's ``squeezenet1_1().features`` layer list (0: conv 3x3/2 + ReLU,
+    2/5/8: max-pool 3/2 ceil, the rest Fire modules: squeeze 1x1, then expand 1x1 and 3x3 concatenated, all ReLU)
+    and torchmetrics' LPIPS (scaling layer, taps after layers 1, 4, 7, 9, 10, 11, 12, channel-unit features,
+    1x1 heads, spatial mean, summed)."""
+    F = torch.nn.functional
+
+    def conv(z, key, **options):
+        return F.relu(F.conv2d(z, features[f"{key}.weight"], features[f"{key}.bias"], **options))
+
+    def fire(z, i):
+        z = conv(z, f"{i}.squeeze")
+        return torch.cat([conv(z, f"{i}.expand1x1"), conv(z, f"{i}.expand3x3", padding=1)], 1)
+
+    def pool(z):
+        return F.max_pool2d(z, kernel_size=3, stride=2, ceil_mode=True)
+
+    def taps(z):
+        shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+        scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+        z = conv((z - shift) / scale, "0", stride=2)
+        out = [z]
+        z = fire(fire(pool(z), 3), 4)
+        out.append(z)
+        z = fire(fire(pool(z), 6), 7)
+        out.append(z)
+        z = fire(pool(z), 9)
+        out.append(z)
+        for i in (10, 11, 12):
+            z = fire(z, i)
+            out.append(z)
+        return out
+
+    total = 0
+    for i, (x, y) in enumerate(zip(taps(a), taps(b), strict=True)):
+        x = x / torch.sqrt(1e-8 + (x**2).sum(1, keepdim=True))
+        y = y / torch.sqrt(1e-8 + (y**2).sum(1, keepdim=True))
+        total = total + F.conv2d((x - y) ** 2, heads[f"lin{i}.model.1.weight"]).mean(dim=(2, 3))
+    return total.reshape(-1)
+
+
+def test_squeeze_lpips_matches_an_independent_squeezenet():
+    torch.manual_seed(2)
+    net = M.SqueezeLPIPS()
+    for p in net.features.parameters():
+        p.data.normal_(0, 0.1)
+    heads = torch.load(M.lpips_heads_path(), map_location="cpu", weights_only=True)
+    net.load_heads(heads)
+    a, b = torch.rand(2, 3, 45, 37) * 2 - 1, torch.rand(2, 3, 45, 37) * 2 - 1  # odd sizes: the ceil-mode pools
+    with torch.no_grad():
+        ours, ref = net(a, b), _squeeze_lpips_reference(net.features.state_dict(), heads, a, b)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+    assert (ref > 0).all()
+
+
 def test_squeezenet_keys_match_torchvision():
     keys = set(M.squeezenet1_1_features().state_dict())
     expected = {"0.weight", "0.bias"} | {
@@ -124,6 +179,40 @@ def tiny_vit():
     return ViTModel(config, add_pooling_layer=False).eval()
 
 
+def _vit_last_block(vit, inputs, outputs):
+    """The last ViT block's keys ``(B, T, D)`` from its weights (state-dict names of transformers 5 or 4), after
+    checking that the block recomputed with them (attention ``softmax(q k^T / sqrt(d)) v``, MLP) gives ``outputs``:
+    that is what makes these weights the keys, whatever the model calls them."""
+    F = torch.nn.functional
+    state, cfg = vit.state_dict(), vit.config
+    last = cfg.num_hidden_layers - 1
+    if f"layers.{last}.attention.k_proj.weight" in state:
+        at = f"layers.{last}."
+        names = {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj", "o": "attention.o_proj"}
+        names |= {"fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+    else:
+        at = f"encoder.layer.{last}."
+        names = {"q": "attention.attention.query", "k": "attention.attention.key", "v": "attention.attention.value"}
+        names |= {"o": "attention.output.dense", "fc1": "intermediate.dense", "fc2": "output.dense"}
+
+    def linear(name, z):
+        return F.linear(z, state[f"{at}{names[name]}.weight"], state[f"{at}{names[name]}.bias"])
+
+    def norm(name, z):
+        return F.layer_norm(
+            z, (cfg.hidden_size,), state[f"{at}{name}.weight"], state[f"{at}{name}.bias"], cfg.layer_norm_eps
+        )
+
+    heads, (b, t, d) = cfg.num_attention_heads, inputs.shape
+    h = norm("layernorm_before", inputs)
+    q, k, v = (linear(n, h).view(b, t, heads, d // heads).transpose(1, 2) for n in "qkv")
+    attention = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1) @ v
+    mid = inputs + linear("o", attention.transpose(1, 2).reshape(b, t, d))
+    out = mid + linear("fc2", F.gelu(linear("fc1", norm("layernorm_after", mid))))
+    torch.testing.assert_close(out, outputs, rtol=1e-4, atol=1e-5)
+    return linear("k", h)
+
+
 def test_structure_distance_keys_self_similarity():
     vit = tiny_vit()
     dino = M.DinoStructure(vit)
@@ -131,16 +220,14 @@ def test_structure_distance_keys_self_similarity():
     sim = dino.self_similarity(a)
     assert sim.shape == (1 + (224 // 16) ** 2,) * 2
     torch.testing.assert_close(torch.diagonal(sim), torch.ones(sim.shape[0]))
-    # Independently: the last block's keys from its input hidden state, with the official preprocessing
+    # Independently: the last block's keys from the ViT's weights, with the official preprocessing
     # (0-255 floats resized to 224 then ImageNet-normalised).
     x = torch.from_numpy(a.astype(np.float32)).permute(2, 0, 1)[None]
     x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
     x = (x - torch.tensor(M.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(M.IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        hidden = vit(pixel_values=x, output_hidden_states=True).hidden_states[-2]
-        layer = M._last_key_projection(vit)
-        block = vit.layers[-1] if hasattr(vit, "layers") else vit.encoder.layer[-1]
-        keys = layer(block.layernorm_before(hidden))[0]
+        hidden = vit(pixel_values=x, output_hidden_states=True).hidden_states
+        keys = _vit_last_block(vit, hidden[-2], hidden[-1])[0]
     ref = torch.nn.functional.cosine_similarity(keys[:, None], keys[None], dim=-1, eps=1e-8)
     torch.testing.assert_close(sim, ref, rtol=1e-4, atol=1e-5)
     d = M.structure_distance(a, b, vit)

@@ -126,3 +126,46 @@ def test_ddim_is_euler_in_the_sigma_form(spacing):
     inv_ddim = diffinv.invert(mix, x0, sched, solver="ddim", steps=25, spacing=spacing).latent
     inv_euler = diffinv.invert(mix, x0, sched, solver="euler", steps=25, spacing=spacing, form="sigma").latent
     assert max_abs(inv_ddim, inv_euler) < 1e-12
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_as_eps_model_recovers_eps_from_every_prediction_type(prediction_type):
+    """A model predicting v = alpha eps - sigma x0 or x0 = (x - sigma eps) / alpha (built here from the mixture's exact
+    eps) comes back as that eps, at every timestep of the range."""
+    sched = diffinv.NoiseSchedule.scaled_linear()
+    mix = mixture(sched)
+    x = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+
+    def predict(x, t):
+        eps = mix(x, t)
+        alpha, sigma = sched.alpha(t).to(F64), sched.sigma(t).to(F64)
+        x0 = (x - sigma * eps) / alpha
+        return {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0}[prediction_type]
+
+    adapted = diffinv.as_eps_model(predict, sched, prediction_type)
+    for t in (1.0, 20.0, 400.0, 999.0):
+        tt = torch.tensor(t, dtype=F64)
+        assert max_abs(adapted(x, tt), mix(x, tt)) < 1e-9 * (1 + float(sched.alpha(tt) / sched.sigma(tt))), t
+    with pytest.raises(ValueError, match="prediction_type"):
+        diffinv.as_eps_model(predict, sched, "x0")
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_ddim_on_other_prediction_types_equals_diffusers_step(prediction_type):
+    """The tiny UNet read as a v- (or x0-) model: our DDIM through as_eps_model equals diffusers' DDIMScheduler with
+    that prediction_type, step by step over the whole grid."""
+    _name, model, x, steps = MODELS[1]
+    scheduler, _ = _schedulers(steps)
+    theirs = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
+    assert theirs.config.prediction_type == prediction_type
+    theirs.alphas_cumprod = theirs.alphas_cumprod.to(F64)
+    theirs.final_alpha_cumprod = theirs.final_alpha_cumprod.to(F64)
+    theirs.set_timesteps(steps)
+    ref = x.clone()
+    with torch.no_grad():
+        for t in theirs.timesteps:
+            ref = theirs.step(model(ref, t), t, ref).prev_sample
+        sched = diffinv.NoiseSchedule.from_scheduler(theirs)
+        eps = diffinv.as_eps_model(model, sched, prediction_type)
+        out = diffinv.generate(eps, x, sched, solver="ddim", timesteps=[*theirs.timesteps.tolist(), 0])
+    assert max_abs(out, ref) < 1e-10, max_abs(out, ref)

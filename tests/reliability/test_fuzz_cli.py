@@ -8,7 +8,8 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from helpers import fuzz
+from hypothesis import HealthCheck, event, given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -18,7 +19,7 @@ from diffinv.solvers import list_solvers
 
 from .common import assert_one_line_error, run_cli
 
-FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = fuzz(25, suppress_health_check=list(HealthCheck))
 JUNK = st.text(alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=8)
 NUMBERS = st.sampled_from(["0", "1", "2", "-1", "nan", "inf", "-inf", "1e9", "0.5", "x", "", "1,2"]) | JUNK
 SMALL = st.sampled_from(["-1", "0", "1", "2", "nan", "x", "", "2.5"])

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from helpers import fuzz
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
@@ -132,7 +133,7 @@ def test_lora_checked_before_the_unet_changes_first_bad_key_named(unet):
     assert _same(before, _weights(unet))
 
 
-@settings(max_examples=30, deadline=None)
+@fuzz(30)
 @given(data=st.data())
 def test_one_corrupted_entry_is_the_one_named(unet, data):
     lora = _peft_lora(unet)
