@@ -9,6 +9,7 @@ seconds on a CPU), or :class:`EditorBackend`, a diffusers model through :class:`
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -353,9 +354,20 @@ def _db(value: float) -> str:
 
 
 def parse_targets(targets: str | Sequence[str] | None) -> list[str]:
-    """Target prompts from a list or newline-separated text (blank lines dropped)."""
+    """Target prompts from a list or newline-separated text (blank lines dropped).
+
+    A text that is a list literal (``["a", "b"]``: what a Gradio text box makes of a list sent through the API)
+    counts as that list.
+    """
     if targets is None:
         return []
+    if isinstance(targets, str) and targets.strip().startswith("[") and targets.strip().endswith("]"):
+        try:
+            items = ast.literal_eval(targets.strip())
+        except (ValueError, SyntaxError):
+            items = None
+        if isinstance(items, list) and all(isinstance(t, str) for t in items):
+            targets = items
     items = targets.splitlines() if isinstance(targets, str) else [str(t) for t in targets]
     return [t.strip() for t in items if t.strip()]
 
@@ -615,7 +627,7 @@ def build_app(backend: Backend | None = None) -> Any:
     default_source, default_targets = (examples[0][1], examples[0][2]) if examples else ("", "")
     ticked = [s for s in DEFAULT_SOLVERS if s in solvers]
 
-    with gr.Blocks(title="diffinv: compare inversion solvers") as demo:
+    with gr.Blocks(title="diffinv: compare inversion solvers", analytics_enabled=False) as demo:
         gr.Markdown(
             f"## diffinv: compare inversion solvers\nModel: **{backend.name}**. Each ticked solver inverts the image "
             "under the source prompt, reconstructs it (round trip) and regenerates it under every target prompt."
@@ -624,7 +636,9 @@ def build_app(backend: Backend | None = None) -> Any:
             with gr.Column():
                 image = gr.Image(type="pil", label="image", elem_id="image")
                 source = gr.Textbox(value=default_source, label="source prompt", elem_id="source")
-                target = gr.Textbox(value=default_targets, lines=3, label="target prompts (one per line)")
+                target = gr.Textbox(
+                    value=default_targets, lines=3, label="target prompts (one per line)", elem_id="targets"
+                )
                 chosen = gr.CheckboxGroup(solvers, value=ticked, label="solvers", elem_id="solvers")
                 with gr.Accordion("settings", open=False):
                     steps = gr.Slider(1, 200, value=50, step=1, label="steps")
@@ -636,7 +650,7 @@ def build_app(backend: Backend | None = None) -> Any:
                     mask = gr.Image(type="pil", label="edit mask (white = edited region; optional)")
                 button = gr.Button("compare", variant="primary", elem_id="compare")
             with gr.Column():
-                grid = gr.Image(type="pil", label="one row per solver", elem_id="grid")
+                grid = gr.Image(type="pil", format="png", label="one row per solver", elem_id="grid")
                 table = gr.Dataframe(headers=TABLE_COLUMNS, label="per solver", elem_id="table", interactive=False)
                 download = gr.File(label="images + settings.json")
         if example_rows:
