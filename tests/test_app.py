@@ -11,6 +11,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 os.environ.setdefault("GRADIO_TELEMETRY_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import io
 import json
 import shutil
 import socket
@@ -25,6 +26,7 @@ from diffinv import cli
 from diffinv.app import (
     BUILTIN_MODELS,
     DEFAULT_MODEL,
+    TOY_DISPLAY,
     EditorBackend,
     InversionCache,
     Settings,
@@ -85,6 +87,9 @@ def client(toy_server):
 
 def test_compare_toy_rows_scores_and_exact_edits(toy, example):
     result = compare(toy, example, "gray box", TARGETS, ["edict", "ddim"], Settings(steps=20))
+    # The example is shown enlarged; the model gets its own 16 px pixels back (8-bit values in [-1, 1]).
+    pixels = np.asarray(Image.open(example).convert("RGB"))[:: TOY_DISPLAY // 16, :: TOY_DISPLAY // 16] / 127.5 - 1
+    assert np.abs(result.source.permute(1, 2, 0).numpy() - pixels).max() < 1e-6
     assert [r.solver for r in result.rows] == ["edict", "ddim"]
     edict, ddim = result.rows
     assert edict.roundtrip_rmse < 1e-8 < 1e-3 < ddim.roundtrip_rmse  # exactly reversible vs DDIM
@@ -200,7 +205,9 @@ def test_api_compare_tiny_sd(tmp_path):
         assert Image.open(grid).size[0] == 4 * 64  # source, reconstruction, two edits
         with zipfile.ZipFile(archive) as z:
             record = json.loads(z.read("settings.json"))
+            source = np.asarray(Image.open(io.BytesIO(z.read("source.png"))))
         assert record["settings"]["edict"]["model_family"] == "sd"
+        assert np.array_equal(source, np.asarray(Image.open(tmp_path / "photo.png")))  # the photo, unchanged
         with pytest.raises(gradio_client.exceptions.AppError, match="not in the list of choices"):
             _predict(c, photo, "a cat", "a dog", ["ddim"], 3, smoothing=["smooth-lora"])
     finally:
@@ -256,14 +263,17 @@ def test_browser_compare_two_solvers(toy_server, example, tmp_path):
         browser.find_element(By.CSS_SELECTOR, "#compare").click()
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#grid img")))
         wait.until(lambda b: "edict" in b.find_element(By.CSS_SELECTOR, "#table").text)
-        rows = browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")
+        rows = [
+            r.text
+            for r in browser.find_elements(By.CSS_SELECTOR, "#table [role=row]")
+            if not r.find_elements(By.CSS_SELECTOR, "[role=columnheader]")  # not the header row
+        ]
         shot = tmp_path / "app.png"
         browser.save_screenshot(str(shot))
         page = browser.find_element(By.TAG_NAME, "body").text
     finally:
         browser.quit()
-    assert len(rows) == 2, [r.text for r in rows]
-    assert [r.text.split()[0] for r in rows] == ["ees27", "edict"]
+    assert [r.split()[0] for r in rows] == ["ees27", "edict"], rows
     assert "error" not in page.lower()
     assert Image.open(shot).size[0] > 0
     keep = os.environ.get("DIFFINV_APP_SCREENSHOT")

@@ -139,8 +139,9 @@ class ToyBackend(Backend):
         self.smoothing = ("npi",)
 
     def prepare(self, image: Any) -> Tensor:
+        # A box filter: an example enlarged by an integer factor (nearest) comes back exactly.
         size = self.scenes.size
-        return pil_to_tensor([load_image(image, (size, size), "stretch")])[0].double() / 127.5 - 1
+        return pil_to_tensor([load_image(image).resize((size, size), Image.Resampling.BOX)])[0].double()
 
     def check_prompt(self, prompt: str, what: str) -> None:
         super().check_prompt(prompt, what)
@@ -218,7 +219,7 @@ class ToyBackend(Backend):
         out = []
         for seed in (0, 1):
             x = self.scenes.sample(self.source, 1, generator=torch.Generator().manual_seed(seed))
-            out.append((tensor_to_pil(x)[0], self.source, targets))
+            out.append((self.display(x[0]), self.source, targets))
         return out
 
 
@@ -268,7 +269,7 @@ class EditorBackend(Backend):
         return editor
 
     def prepare(self, image: Any) -> Tensor:
-        return pil_to_tensor([load_image(image, self.size, "crop")])[0].float() / 127.5 - 1
+        return pil_to_tensor([load_image(image, self.size, "crop")])[0]
 
     def invert(self, image: Tensor, source: str, solver: str, settings: Settings) -> Any:
         editor = self._editor(solver, settings)
@@ -277,11 +278,11 @@ class EditorBackend(Backend):
 
     def reconstruct(self, handle: Any) -> Tensor:
         editor, inv = handle
-        return pil_to_tensor(editor.reconstruct(inv))[0].float() / 127.5 - 1
+        return pil_to_tensor(editor.reconstruct(inv))[0]
 
     def edit(self, handle: Any, targets: Sequence[str], settings: Settings) -> list[Tensor]:
         editor, inv = handle
-        return list(pil_to_tensor(editor.edit(inv, list(targets))).float() / 127.5 - 1)
+        return list(pil_to_tensor(editor.edit(inv, list(targets))))
 
     def settings_record(self, solver: str, settings: Settings) -> dict[str, Any]:
         from .provenance import editor_settings
