@@ -117,6 +117,23 @@ def test_second_click_with_new_targets_reuses_the_inversion(toy, example):
     assert not other.rows[0].cached  # new settings: a new inversion
 
 
+def test_background_psnr_outside_a_given_or_painted_mask(toy, example):
+    run = lambda mask: compare(toy, example, "gray box", ["red box 0.8"], ["ddim"], Settings(steps=10), mask=mask)  # noqa: E731
+    size = Image.open(example).size
+    whole = run(Image.new("L", size, 255))  # everything may change: no background
+    assert np.isnan(whole.rows[0].background_psnr) and whole.record["mask"] == "given"
+    own = run(None).rows[0].background_psnr  # the toy model's own mask: the object square
+    half = np.zeros(size[::-1], dtype=np.uint8)
+    half[:, : size[0] // 2] = 255  # the left half edited
+    given = run(Image.fromarray(half)).rows[0].background_psnr
+    assert np.isfinite(own) and np.isfinite(given) and abs(given - own) > 0.01
+    # A painted stroke layer (the mask editor's value) counts as that region, whatever the composite shows.
+    stroke = np.zeros((*size[::-1], 4), dtype=np.uint8)
+    stroke[:, : size[0] // 2, 3] = 255
+    painted = {"background": Image.open(example), "layers": [Image.fromarray(stroke)], "composite": None}
+    assert run(painted).rows[0].background_psnr == pytest.approx(given)
+
+
 def test_parse_targets():
     assert parse_targets("a\n\n b \n") == ["a", "b"]
     assert parse_targets(["a", " ", "b"]) == ["a", "b"]

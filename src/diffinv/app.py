@@ -396,9 +396,20 @@ class InversionCache:
 
 
 def _mask_array(mask: Any, shape: tuple[int, int]) -> Any:
-    """A user mask (image or array; white/nonzero = the edited region) as a 0/1 ``(H, W)`` array."""
+    """A mask as a 0/1 ``(H, W)`` array at the image's size: an image or array (white/nonzero = the edited
+    region), or what a Gradio mask editor gives (``{"background", "layers", "composite"}``: the painted strokes,
+    or the composite when nothing is painted). None when there is no mask."""
     import numpy as np
 
+    if isinstance(mask, dict):
+        layers = [la for la in mask.get("layers") or [] if la is not None]
+        painted = [np.asarray(la.convert("RGBA"))[..., 3] > 0 for la in layers if isinstance(la, Image.Image)]
+        if any(m.any() for m in painted):
+            mask = Image.fromarray((np.logical_or.reduce(painted) * 255).astype(np.uint8))
+        else:
+            mask = mask.get("composite") if mask.get("composite") is not None else mask.get("background")
+    if mask is None:
+        return None
     gray = load_image(mask, shape, "stretch").convert("L")
     return (np.asarray(gray) > 127).astype(np.float32)
 
@@ -449,8 +460,9 @@ def compare(
         allowed = ", ".join(backend.smoothing) or "none"
         raise ValueError(f"smoothing {', '.join(unsupported)} is not available for {backend.name} (have: {allowed})")
     x = backend.prepare(image)
+    mask = None if mask is None else _mask_array(mask, tuple(x.shape[1:]))
     if mask is not None:
-        masks = [_mask_array(mask, x.shape[1:])] * len(targets)
+        masks = [mask] * len(targets)
     else:
         masks = [backend.edit_mask(source, t) for t in targets]
         masks = [None if m is None else m.numpy() for m in masks]
@@ -648,7 +660,11 @@ def build_app(backend: Backend | None = None) -> Any:
                     strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="strength")
                     spacing = gr.Dropdown(list(SPACING_CHOICES), value="auto", label="spacing")
                     smoothing = gr.CheckboxGroup(list(backend.smoothing), value=[], label="smoothing")
-                    mask = gr.Image(type="pil", label="edit mask (white = edited region; optional)")
+                    mask = gr.ImageMask(
+                        type="pil",
+                        label="edit mask (optional): paint the edited region over the image, or upload a white-on-"
+                        "black mask",
+                    )
                 button = gr.Button("compare", variant="primary", elem_id="compare")
             with gr.Column():
                 grid = gr.Image(type="pil", format="png", label="one row per solver", elem_id="grid")
