@@ -288,10 +288,13 @@ def test_browser_compare_two_solvers(toy_server, example, tmp_path):
         shot = tmp_path / "app.png"
         browser.save_screenshot(str(shot))
         page = browser.find_element(By.TAG_NAME, "body").text
+        fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     finally:
         browser.quit()
     assert [r.split()[0] for r in rows] == ["ees27", "edict"], rows
     assert "error" not in page.lower()
+    elsewhere = [u for u in fetched if not u.startswith(toy_server) and not u.startswith(("data:", "blob:"))]
+    assert not elsewhere, elsewhere  # the page loads nothing from outside the local server
     assert Image.open(shot).size[0] > 0
     keep = os.environ.get("DIFFINV_APP_SCREENSHOT")
     if keep:
