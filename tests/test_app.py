@@ -134,6 +134,16 @@ def test_background_psnr_outside_a_given_or_painted_mask(toy, example):
     assert run(painted).rows[0].background_psnr == pytest.approx(given)
 
 
+def test_npi_and_partial_inversion_on_the_toy_model(toy, example):
+    full = compare(toy, example, "gray box", TARGETS, ["edict"], Settings(steps=20))
+    npi = compare(toy, example, "gray box", TARGETS, ["edict"], Settings(steps=20, smoothing=("npi",)))
+    assert npi.rows[0].roundtrip_rmse < 1e-8  # inverted and reconstructed with the source prompt alone
+    assert (npi.rows[0].edits[0] - full.rows[0].edits[0]).abs().max() > 1e-3
+    half = compare(toy, example, "gray box", TARGETS, ["edict"], Settings(steps=20, strength=0.5))
+    assert half.rows[0].calls == full.rows[0].calls // 2  # 10 of the 20 steps, three passes each
+    assert half.record["settings"]["edict"]["timesteps"][0] < 600
+
+
 def test_parse_targets():
     assert parse_targets("a\n\n b \n") == ["a", "b"]
     assert parse_targets(["a", " ", "b"]) == ["a", "b"]

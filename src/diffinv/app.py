@@ -190,13 +190,10 @@ class ToyBackend(Backend):
         return generate(self._field(handle["source"], handle["w"], None), handle["inv"])[0]
 
     def edit(self, handle: Any, targets: Sequence[str], settings: Settings) -> list[Tensor]:
+        from .editor import _replicate  # the inverted state once per target, as Editor.edit batches it
         from .solve import generate
 
-        inv = handle["inv"]
-        rows = [0] * len(targets)
-        tensors = {n: v[rows] for n, v in inv.state.tensors().items()}
-        state = type(inv.state)(**{**vars(inv.state), **tensors})
-        batch = type(inv)(state, inv.grid, inv.solver, inv.dtype, inv.nfe)
+        batch = _replicate(handle["inv"], [0] * len(targets))
         negative = handle["source"] if handle["npi"] else None
         return list(generate(self._field(list(targets), settings.guidance, negative), batch))
 
