@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import io
 import json
+import math
 import shutil
 import socket
 import zipfile
@@ -142,6 +143,22 @@ def test_npi_and_partial_inversion_on_the_toy_model(toy, example):
     half = compare(toy, example, "gray box", TARGETS, ["edict"], Settings(steps=20, strength=0.5))
     assert half.rows[0].calls == full.rows[0].calls // 2  # 10 of the 20 steps, three passes each
     assert half.record["settings"]["edict"]["timesteps"][0] < 600
+
+
+def test_a_diverging_solver_gets_its_row_the_others_still_run(example):
+    from diffinv.solve import SolverDivergence
+
+    class Diverging(ToyBackend):
+        def edit(self, handle, targets, settings):
+            if handle["inv"].solver.name == "edict":
+                raise SolverDivergence("edict", 3, 500.0, math.inf)
+            return super().edit(handle, targets, settings)
+
+    result = compare(Diverging(), example, "gray box", TARGETS, ["edict", "ddim"], Settings(steps=10))
+    edict, ddim = result.rows
+    assert edict.diverged and "diverged" in edict.diverged and math.isnan(edict.roundtrip_rmse)
+    assert ddim.diverged is None and ddim.roundtrip_rmse > 0
+    assert result.table()[0][2] == "diverged"
 
 
 def test_parse_targets():

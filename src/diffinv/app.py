@@ -28,6 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from .images import image_grid, load_image, pil_to_tensor, psnr, tensor_to_pil
+from .solve import SolverDivergence
 from .solvers import SPACING_CHOICES, get_solver, list_solvers, resolve_spacing
 
 __all__ = [
@@ -318,6 +319,7 @@ class SolverResult:
     calls: int
     seconds: float
     cached: bool
+    diverged: str | None = None  # the divergence message; images are then blank
 
 
 @dataclass
@@ -337,7 +339,7 @@ class CompareResult:
             [
                 r.solver,
                 r.spacing,
-                f"{r.roundtrip_rmse:.2e}",
+                "diverged" if r.diverged else f"{r.roundtrip_rmse:.2e}",
                 _db(r.reconstruction_psnr),
                 _db(r.background_psnr),
                 r.calls,
@@ -495,29 +497,36 @@ def _compare(
         key = cache.key(x, source, name, settings)
         handle = cache.get(key)
         cached = handle is not None
-        with torch.inference_mode():
-            if handle is None:
-                handle = backend.invert(x, source, name, settings)
-                cache.put(key, handle)
-            report((i + 0.4) / len(names), f"{name}: reconstructing")
-            recon = backend.reconstruct(handle)
-            report((i + 0.6) / len(names), f"{name}: editing {len(targets)} target(s)")
-            edits = backend.edit(handle, targets, settings)
+        diverged = None
+        try:
+            with torch.inference_mode():
+                if handle is None:
+                    handle = backend.invert(x, source, name, settings)
+                    cache.put(key, handle)
+                report((i + 0.4) / len(names), f"{name}: reconstructing")
+                recon = backend.reconstruct(handle)
+                report((i + 0.6) / len(names), f"{name}: editing {len(targets)} target(s)")
+                edits = backend.edit(handle, targets, settings)
+        except SolverDivergence as err:  # this solver's row says so; the others still run
+            diverged = str(err)
+            recon, edits = torch.zeros_like(x), [torch.zeros_like(x) for _ in targets]
         seconds = time.perf_counter() - start
         recon_pil = tensor_to_pil(recon[None])[0]
         edits_pil = tensor_to_pil(torch.stack(edits))
+        nan = math.nan
         rows.append(
             SolverResult(
                 solver=name,
                 spacing=resolve_spacing(get_solver(name), settings.spacing),
                 reconstruction=recon,
                 edits=edits,
-                roundtrip_rmse=(recon.double() - x.double()).pow(2).mean().sqrt().item(),
-                reconstruction_psnr=psnr(source_pil, recon_pil),
-                background_psnr=_background_psnr(source_pil, edits_pil, masks),
+                roundtrip_rmse=nan if diverged else (recon.double() - x.double()).pow(2).mean().sqrt().item(),
+                reconstruction_psnr=nan if diverged else psnr(source_pil, recon_pil),
+                background_psnr=nan if diverged else _background_psnr(source_pil, edits_pil, masks),
                 calls=backend.calls,
                 seconds=seconds,
                 cached=cached,
+                diverged=diverged,
             )
         )
         settings_json[name] = backend.settings_record(name, settings)
@@ -537,7 +546,8 @@ def _grid(backend: Backend, source: Tensor, targets: list[str], rows: list[Solve
     lines = []
     for r in rows:
         images = [backend.display(t) for t in [source, r.reconstruction, *r.edits]]
-        captions = [f"{r.solver}: source", f"reconstruction {_db(r.reconstruction_psnr)} dB", *targets]
+        recon = "diverged" if r.diverged else f"reconstruction {_db(r.reconstruction_psnr)} dB"
+        captions = [f"{r.solver}: source", recon, *targets]
         lines.append(image_grid(images, captions=captions))
     grid = Image.new("RGB", (max(g.width for g in lines), sum(g.height for g in lines)), (255, 255, 255))
     y = 0
