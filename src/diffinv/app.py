@@ -631,7 +631,8 @@ def build_app(backend: Backend | None = None) -> Any:
                 progress=lambda f, d: progress(f, desc=d),
             )
         except (ValueError, TypeError) as err:
-            raise gr.Error(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from None
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise gr.Error(message, print_exception=False) from None  # bad input: no trace in the console either
         except Exception as err:  # a failure inside the model: still a message, not a trace
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise gr.Error(f"{type(err).__name__}: {first}") from None
