@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import importlib.metadata
 import platform
 from pathlib import Path
 from typing import Any
 
-__all__ = ["folder_hash", "model_revision", "versions"]
+__all__ = ["editor_settings", "folder_hash", "model_revision", "record", "versions"]
 
 PACKAGES = ("diffinv", "torch", "diffusers", "transformers", "numpy", "pillow")
 # Files read whole by folder_hash; weight files enter only by name and size (hashing gigabytes is too slow).
@@ -54,3 +55,45 @@ def model_revision(model: str | Path) -> dict[str, Any]:
         parts = Path(cached).parts
         return {"revision": parts[parts.index("snapshots") + 1]}
     return {"revision": None}
+
+
+def editor_settings(editor: Any, model: str | Path, lora: Any = None, lora_merge: bool = True) -> dict[str, Any]:
+    """Every setting of a :class:`diffinv.editor.Editor` as it resolved them (``lora``: the LoRA source given)."""
+    return {
+        "model": str(model),
+        "model_family": editor.family.name,
+        "solver": editor.solver.name,
+        "solver_options": editor.solver.options(),
+        "steps": editor.steps,
+        "spacing": editor.spacing,
+        "timesteps": editor.timesteps.tolist(),
+        "strength": editor.strength,
+        "guidance": editor.guidance,
+        "inversion_guidance": None if editor.npi else editor.inversion_guidance,
+        "negative_prompt": editor.negative_prompt,
+        "smoothing": list(editor.smoothing),
+        "lora": None if lora is None else str(lora),
+        "lora_scale": editor.lora_scale if editor.lora_layers else None,
+        "lora_merge": lora_merge if editor.lora_layers else None,
+        "resize": editor.resize,
+        "size": list(editor.size),
+        "dtype": str(editor.unet.dtype).removeprefix("torch."),
+        "solver_dtype": str(editor.solver_dtype).removeprefix("torch."),
+        "device": str(editor.device),
+    }
+
+
+def record(
+    source_image: str, source_prompt: str, settings: dict[str, Any], model: str | Path | None, seed: int | None = None
+) -> dict[str, Any]:
+    """What decided a set of outputs: source, settings, seed, the model's revision (``model=None``: a built-in
+    model, no revision), the versions and the time it was made."""
+    return {
+        "source_image": source_image,
+        "source_prompt": source_prompt,
+        "settings": settings,
+        "seed": seed,
+        "model_revision": None if model is None else model_revision(model),
+        "versions": versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

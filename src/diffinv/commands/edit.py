@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -191,36 +190,8 @@ def _stem(args: argparse.Namespace, image: Path) -> str:
 
 def _provenance(args: argparse.Namespace, editor: Any, model: str, image: Path) -> dict[str, Any]:
     """Everything that decided the outputs: the settings as the editor resolved them, the seed, the versions."""
-    from ..provenance import model_revision, versions
+    from ..provenance import editor_settings, record
 
-    return {
-        "source_image": str(image),
-        "source_prompt": args.source,
-        "settings": {
-            "model": model,
-            "model_family": editor.family.name,
-            "solver": editor.solver.name,
-            "solver_options": editor.solver.options(),
-            "steps": args.steps,
-            "spacing": editor.spacing,
-            "timesteps": editor.timesteps.tolist(),
-            "strength": editor.strength,
-            "guidance": editor.guidance,
-            "inversion_guidance": None if editor.npi else editor.inversion_guidance,
-            "negative_prompt": editor.negative_prompt,
-            "smoothing": list(editor.smoothing),
-            "lora": args.lora,
-            "lora_scale": args.lora_scale if editor.lora_layers else None,
-            "lora_merge": not args.lora_unmerged if editor.lora_layers else None,
-            "resize": editor.resize,
-            "size": list(editor.size),
-            "dtype": str(editor.unet.dtype).removeprefix("torch."),
-            "solver_dtype": str(editor.solver_dtype).removeprefix("torch."),
-            "device": str(editor.device),
-            **runtime_options(args),
-        },
-        "seed": args.seed,
-        "model_revision": model_revision(model),
-        "versions": versions(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    settings = editor_settings(editor, model, lora=args.lora, lora_merge=not args.lora_unmerged)
+    settings.update(runtime_options(args))
+    return record(str(image), args.source, settings, model, seed=args.seed)
