@@ -20,6 +20,7 @@ from diffinv.solve import generate, invert
 torch.set_num_threads(1)
 MODEL = load_digits_model(torch.float64)
 IMAGES = 2
+SYM27 = (2 - 2**0.5) / 4  # the EES(2,7) member with symmetric nodes
 
 
 def roundtrip(solver: str, steps: int, w: float, time_input: str = "exact", spacing: str = "lambda", **opts) -> float:
@@ -70,10 +71,12 @@ def variants() -> None:
         ("ees27", {}, "round"),
         ("ees25", {}, "exact"),
         ("ees25", {}, "round"),
-        ("ees25", {"x": 0.25}, "exact"),
+        ("ees27", {}, "lerp"),
+        ("ees25", {"x": 0.25}, "exact"),  # nodes {0, 1/2, 1}
+        ("ees27", {"x": SYM27}, "exact"),  # nodes {0, 1 - 1/sqrt2, 1/sqrt2, 1}
         ("ees27", {"x": 0.0}, "exact"),
         ("rk4", {}, "round"),
-        ("heun", {}, "round"),
+        ("rk4", {}, "lerp"),
     ]
     for w in (1.0, 3.0):
         for solver, opts, ti in cases:

@@ -8,7 +8,9 @@ The judge is a logistic regression on the pixels; the samples are real digits of
 
 ``time_input`` says which timestep the network sees at a fractional ``t`` (the solver still steps at
 ``t``): ``"exact"`` (``t`` itself), ``"round"`` (the nearest integer, the only timesteps the network
-was trained on). See docs/digits-roundtrip.md for why this matters to EES's round trip.
+was trained on) or ``"lerp"`` (the linear interpolation of its outputs at the two neighbouring integer
+timesteps: a field continuous and piecewise linear in ``t``, at twice the cost).
+See docs/digits-roundtrip.md for why this matters to EES's round trip.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ UNET_FILE = HERE / "digits_unet.safetensors"
 JUDGE_FILE = HERE / "digits_judge.safetensors"
 SAMPLES_FILE = HERE / "digits_samples.safetensors"
 NULL_CLASS = 10
-TIME_INPUTS = ("exact", "round")
+TIME_INPUTS = ("exact", "round", "lerp")
 SHAPE = (1, 16, 16)
 
 
@@ -71,6 +73,8 @@ class DigitsModel:
             return t
         if time_input == "round":
             return torch.round(t)
+        if time_input == "lerp":
+            return t  # eps() interpolates between the integer timesteps itself
         raise ValueError(f"time_input must be one of {', '.join(TIME_INPUTS)}, got {time_input!r}")
 
     @torch.no_grad()
@@ -98,9 +102,15 @@ class DigitsModel:
         null = NULL_CLASS if negative is None else int(negative)
 
         def eps(x: Tensor, t: Tensor) -> Tensor:
+            if time_input == "lerp":  # the chord between the two neighbouring integer timesteps
+                lo = torch.floor(t).clamp(max=self.schedule.T - 1)
+                frac = (t - lo).to(x.dtype)
+                return (1 - frac) * guided(x, lo) + frac * guided(x, lo + 1)
+            return guided(x, self.network_time(t, time_input))
+
+        def guided(x: Tensor, tn: Tensor) -> Tensor:
             y = _labels(labels, x.shape[0])
             u = _labels(null, x.shape[0])
-            tn = self.network_time(t, time_input)
             if w == 1.0:
                 return self.raw_eps(x, tn, y)
             if w == 0.0:
