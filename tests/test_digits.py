@@ -66,3 +66,18 @@ def test_exact_solvers_reconstruct_to_round_off(model64, solver):
     eps = model64.eps(3, 3.0)
     inv = diffinv.invert(eps, x0, model64.schedule, solver=solver, steps=10, spacing="time")
     assert rmse(diffinv.generate(eps, inv), x0) < 1e-10
+
+
+def edit(model, solver, steps, spacing, x0, target=8, w=3.0, **opts):
+    inv = diffinv.invert(model.eps(3, w), x0, model.schedule, solver=solver, steps=steps, spacing=spacing, **opts)
+    return diffinv.generate(model.eps(target, w), inv)
+
+
+def test_trade_off_exact_solvers_on_the_time_grid_drift_from_the_reference_edit(model):
+    """At w = 3 the exact solvers on the time grid land >= 10x farther from a converged edit than EES(2,7)."""
+    x0 = model.sources(3, 1)
+    reference = edit(model, "rk4", 100, "lambda", x0)
+    ees = rmse(edit(model, "ees27", 25, "lambda", x0), reference)
+    exact = {name: rmse(edit(model, name, 25, "time", x0), reference) for name in ("bdia", "belm")}
+    assert ees < 0.05, ees
+    assert min(exact.values()) >= 10 * ees, (ees, exact)
