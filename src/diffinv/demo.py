@@ -1,5 +1,10 @@
 """The offline demo: every solver inverts, reconstructs and edits toy scenes whose exact eps is known.
 
+With ``model="digits"`` the same runs happen on the shipped trained network (:mod:`diffinv.models.digits`):
+real handwritten 3s are inverted under the guided class-3 model and generated under other digits; the
+shipped judge scores the edits, the "background" is the blank paper (pixels blank in the source and in
+the reference edit), and every solver runs on both the lambda and the time grid.
+
 Each source image (a sample of the source prompt of :class:`~diffinv.analytic.ToyScenes`) is inverted
 under the source prompt's guided field, then generated back under the source prompt (reconstruction)
 and under every other prompt (edits), all with the same guidance scale. Because the model is exact,
@@ -58,6 +63,11 @@ EDIT_COLUMNS = ["solver", "target", "background_psnr", "align_loglik", "align_ac
 PIXEL_RANGE = 2.0  # toy pixels live in about [-1, 1]
 REFERENCE = "rk4"
 GRIDS = ("auto", "lambda", "time")
+MODELS = ("toy", "digits")
+DIGIT_SOURCE = 3
+DIGIT_TARGETS = (1, 5, 8)  # the digits model's edit targets (its source digit is DIGIT_SOURCE)
+BLANK = -0.8  # digits pixels below this are blank paper
+DIGITS_REFERENCE_STEPS = 400  # the trained model's converged reference edit (RK4 x 400)
 
 
 @dataclass
@@ -74,6 +84,7 @@ class DemoConfig:
     reference_steps: int = 200
     size: int = 16
     source: str = "gray box"
+    model: str = "toy"  # "toy" (exact toy scenes) or "digits" (the shipped trained network)
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -83,6 +94,10 @@ class DemoConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(self.guidance, (int, float)) and math.isfinite(self.guidance) and self.guidance >= 0):
             raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.model == "digits" and self.images > 8:
+            raise ValueError(f"the digits model ships 8 images per digit, asked for {self.images}")
         if self.grid not in GRIDS:
             raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
         if self.solvers is not None:
@@ -121,7 +136,7 @@ class DemoResult:
     """Everything a demo run produced: settings, model, sources, the reference edit and each solver's run."""
 
     config: DemoConfig
-    scenes: ToyScenes
+    scenes: Any  # ToyScenes, or the DigitsModel for model="digits"
     targets: list[str]  # generation prompts per image: the source first (reconstruction), then the edits
     sources: Tensor  # (images, 3, H, W)
     reference: SolverRun
@@ -216,6 +231,39 @@ class _Edit:
         }
 
 
+class _DigitsEdit(_Edit):
+    """The demo's problem on the trained digits network: real 3s edited to other digits, judged by a classifier."""
+
+    def __init__(self, config: DemoConfig):
+        from .models.digits import load_digits_judge, load_digits_model
+
+        self.config = config
+        self.scenes = load_digits_model()
+        self.judge = load_digits_judge()
+        digits = [DIGIT_SOURCE, *DIGIT_TARGETS]
+        self.targets = [f"digit {d}" for d in digits]
+        self.sources = self.scenes.sources(DIGIT_SOURCE, config.images)
+        self.batch = self.sources.repeat_interleave(len(digits), dim=0)
+        negative = DIGIT_SOURCE if config.npi else None
+        self.inversion_field = self.scenes.eps(DIGIT_SOURCE, config.guidance, negative=negative)
+        self.edit_field = self.scenes.eps(digits * config.images, config.guidance, negative=negative)
+        self.reference = None
+
+    def _edit_metrics(self, name: str, out: Tensor, j: int) -> dict[str, Any]:
+        edit, ref, target = out[:, j], self.reference[:, j], DIGIT_TARGETS[j - 1]
+        background = ((self.sources < BLANK) & (ref < BLANK)).to(edit.dtype)
+        mse = ((edit - self.sources) ** 2 * background).sum((1, 2, 3)) / background.sum((1, 2, 3)).clamp_min(1)
+        logp = torch.log_softmax(self.judge.logits(edit.clamp(-1, 1)).double(), -1)
+        return {
+            "solver": name,
+            "target": self.targets[j],
+            "background_psnr": (10 * torch.log10(PIXEL_RANGE**2 / mse.clamp_min(1e-30))).mean().item(),
+            "align_loglik": logp[:, target].mean().item(),
+            "align_acc": (logp.argmax(-1) == target).double().mean().item(),
+            "reference_rmse": _rmse(edit, ref),
+        }
+
+
 def _rmse(a: Tensor, b: Tensor) -> float:
     return (a - b).pow(2).mean().sqrt().item()
 
@@ -238,8 +286,10 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> DemoRes
 
 def _run(config: DemoConfig, progress: bool) -> DemoResult:
     names = list(config.solvers) if config.solvers is not None else list_solvers()
-    problem = _Edit(config)
-    with tqdm(total=len(names) + 1, desc="demo", file=sys.stderr, leave=False, disable=not progress) as bar:
+    problem = _DigitsEdit(config) if config.model == "digits" else _Edit(config)
+    both = config.model == "digits" and config.grid == "auto"  # the trained model: every solver on both grids
+    total = len(names) * (2 if both else 1) + 1
+    with tqdm(total=total, desc="demo", file=sys.stderr, leave=False, disable=not progress) as bar:
         bar.set_postfix_str(f"reference ({REFERENCE}, {config.reference_steps} steps)")
         reference = problem.measure("reference", get_solver(REFERENCE), "lambda", config.reference_steps)
         if reference.output is None:
@@ -249,8 +299,9 @@ def _run(config: DemoConfig, progress: bool) -> DemoResult:
         for name in names:
             bar.set_postfix_str(name)
             solver = get_solver(name)
-            result.runs.append(problem.measure(name, solver, solver_spacing(solver, config.grid), config.steps))
-            bar.update()
+            for spacing in ("lambda", "time") if both else (solver_spacing(solver, config.grid),):
+                result.runs.append(problem.measure(name, solver, spacing, config.steps))
+                bar.update()
     return result
 
 
@@ -308,7 +359,8 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]
 
 
 def _to_rgb(x: Tensor) -> Any:
-    """``(3, H, W)`` toy pixels in [-1, 1] as an ``(H, W, 3)`` array in [0, 1] for imshow."""
+    """``(3, H, W)`` toy (or ``(1, H, W)`` digit) pixels in [-1, 1] as an ``(H, W, 3)`` array in [0, 1] for imshow."""
+    x = x.expand(3, -1, -1)
     return ((x.detach().double().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
 
 
@@ -347,10 +399,14 @@ def _plot_images(result: DemoResult, path: Path, image: int = 0) -> None:
                 ax.set_title(cols[j], fontsize=7)
     c = result.config
     mode = "negative-prompt inversion" if c.npi else "full-guidance inversion"
-    fig.suptitle(f"toy scenes, image {image}: w = {c.guidance:g}, {c.steps} steps, {mode}", fontsize=9)
+    fig.suptitle(f"{_model_label(c)}, image {image}: w = {c.guidance:g}, {c.steps} steps, {mode}", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _model_label(config: DemoConfig) -> str:
+    return "trained digits model" if config.model == "digits" else "toy scenes"
 
 
 def _spread(values: list[float], gap: float) -> list[float]:
@@ -426,7 +482,8 @@ def _plot_tradeoff(result: DemoResult, path: Path, cap: float = 120.0) -> None:
     c = result.config
     mode = "negative-prompt inversion" if c.npi else "full-guidance inversion"
     fig.suptitle(
-        f"background preservation vs. prompt alignment (toy scenes, w = {c.guidance:g}, {c.steps} steps, {mode}; "
+        f"background preservation vs. prompt alignment ({_model_label(c)}, w = {c.guidance:g}, {c.steps} steps, "
+        f"{mode}; "
         f"means over {c.images} images x {len(result.targets) - 1} edits)",
         fontsize=9,
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..demo import GRIDS, DemoConfig, format_table, run_demo, write_outputs
+from ..demo import DIGITS_REFERENCE_STEPS, GRIDS, MODELS, DemoConfig, format_table, run_demo, write_outputs
 
 
 def add_parser(sub: Any) -> None:
@@ -21,6 +21,13 @@ def add_parser(sub: Any) -> None:
     )
     defaults = DemoConfig()
     p.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default=defaults.model,
+        help="toy = exact toy scenes; digits = the shipped trained digits network, every solver on both grids "
+        "(default: %(default)s)",
+    )
     p.add_argument("--steps", type=int, default=defaults.steps, help="solver steps (default: %(default)s)")
     p.add_argument(
         "--guidance",
@@ -44,8 +51,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--reference-steps",
         type=int,
-        default=defaults.reference_steps,
-        help="steps of the RK4 reference edit (default: %(default)s)",
+        default=None,
+        help=f"steps of the RK4 reference edit (default: {defaults.reference_steps}, "
+        f"{DIGITS_REFERENCE_STEPS} for --model digits)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -60,6 +68,12 @@ def _solvers(text: str | None) -> list[str] | None:
     return names
 
 
+def _reference_steps(args: argparse.Namespace) -> int:
+    if args.reference_steps is not None:
+        return args.reference_steps
+    return DIGITS_REFERENCE_STEPS if args.model == "digits" else DemoConfig().reference_steps
+
+
 def run(args: argparse.Namespace) -> int:
     config = DemoConfig(
         steps=args.steps,
@@ -69,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         grid=args.grid,
         npi=args.npi,
-        reference_steps=args.reference_steps,
+        reference_steps=_reference_steps(args),
+        model=args.model,
     )
     config.check()
     try:  # before the run, not after it

@@ -1,0 +1,1 @@
+"""Models shipped inside the package (weights as safetensors package data)."""

@@ -1,0 +1,83 @@
+"""The shipped trained digits model: offline loading, the judge, exact reconstruction, the editing
+trade-off and the EES round trip on a learned field (docs/digits-roundtrip.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffinv
+from diffinv.models import digits
+from diffinv.models.digits import load_digits_judge, load_digits_model
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return load_digits_model()
+
+
+@pytest.fixture(scope="module")
+def model64():
+    return load_digits_model(torch.float64)
+
+
+def rmse(a, b):
+    return (a - b).pow(2).mean().sqrt().item()
+
+
+def test_shipped_files_are_small_safetensors_and_packaged():
+    for path in (digits.UNET_FILE, digits.JUDGE_FILE, digits.SAMPLES_FILE):
+        assert path.is_file() and path.stat().st_size <= 1_000_000, path
+        assert path.read_bytes()[8:9] == b"{", f"{path.name} is not a safetensors file"
+
+
+def test_model_loads_offline_and_the_judge_reads_real_and_generated_digits(model):
+    judge = load_digits_judge()
+    real = model.samples.flatten(0, 1)
+    labels = torch.arange(10).repeat_interleave(model.samples.shape[1])
+    assert (judge.classify(real) == labels).double().mean() >= 0.95
+    # Samples of the guided model are classified as the digit asked for.
+    asked = torch.arange(10)
+    noise = torch.randn(10, *model.shape, generator=torch.Generator().manual_seed(0))
+    x = diffinv.generate(model.eps(asked, 3.0), noise, schedule=model.schedule, solver="heun", steps=12)
+    assert (judge.classify(x) == asked).double().mean() >= 0.8
+
+
+def test_guidance_and_time_input_options(model):
+    x = model.sources(3, 2)
+    t = torch.tensor(400.3)
+    cond, uncond = model.eps(3, 1.0)(x, t), model.eps(3, 0.0)(x, t)
+    torch.testing.assert_close(model.eps(3, 2.5)(x, t), uncond + 2.5 * (cond - uncond), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.eps(3, 1.0, "round")(x, t), model.eps(3, 1.0)(x, torch.tensor(400.0)))
+    lo, hi = model.eps(3, 1.0)(x, torch.tensor(400.0)), model.eps(3, 1.0)(x, torch.tensor(401.0))
+    torch.testing.assert_close(model.eps(3, 1.0, "lerp")(x, t), 0.7 * lo + 0.3 * hi, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="time_input"):
+        model.eps(3, 1.0, "nearest")
+    with pytest.raises(ValueError, match="digits"):
+        model.eps(11)(x, t)
+
+
+@pytest.mark.parametrize("solver", ["edict", "bdia", "belm"])
+def test_exact_solvers_reconstruct_to_round_off(model64, solver):
+    x0 = model64.sources(3, 1).double()
+    eps = model64.eps(3, 3.0)
+    inv = diffinv.invert(eps, x0, model64.schedule, solver=solver, steps=10, spacing="time")
+    assert rmse(diffinv.generate(eps, inv), x0) < 1e-10
+
+
+def edit(model, solver, steps, spacing, x0, target=8, w=3.0, **opts):
+    inv = diffinv.invert(model.eps(3, w), x0, model.schedule, solver=solver, steps=steps, spacing=spacing, **opts)
+    return diffinv.generate(model.eps(target, w), inv)
+
+
+def test_trade_off_exact_solvers_on_the_time_grid_drift_from_the_reference_edit(model):
+    """At w = 3 the exact solvers on the time grid land >= 10x farther from a converged edit than EES(2,7)."""
+    x0 = model.sources(3, 1)
+    reference = edit(model, "rk4", 100, "lambda", x0)
+    ees = rmse(edit(model, "ees27", 25, "lambda", x0), reference)
+    exact = {name: rmse(edit(model, name, 25, "time", x0), reference) for name in ("bdia", "belm")}
+    assert ees < 0.05, ees
+    assert min(exact.values()) >= 10 * ees, (ees, exact)
