@@ -113,6 +113,23 @@ class GaussianMixture:
 
     __call__ = eps
 
+    def velocity(self, x: Tensor, t: Any) -> Tensor:
+        """The exact flow-matching velocity ``E[eps - x0 | x_t = x]`` (for a flow-matching schedule).
+
+        ``E[eps | x, k] = sigma (x - alpha mu_k) / (alpha^2 var_k + sigma^2)`` needs no division by ``sigma``,
+        so the velocity is exact at both ends of the path, ``sigma = 1`` and ``sigma = 0``.
+        """
+        xf, a, s, logp = self._posterior(x, t)
+        w = torch.softmax(logp, dim=-1)
+        if self._iso is not None:
+            gain = s / (a**2 * self._iso[None] + s**2)  # (B, K)
+            noise = (w * gain).sum(-1, keepdim=True) * xf - a * ((w * gain) @ self.mu)
+        else:
+            v = a[:, :, None] ** 2 * self.var[None] + s[:, :, None] ** 2
+            noise = (w[:, :, None] * s[:, :, None] * (xf[:, None, :] - a[:, :, None] * self.mu[None]) / v).sum(1)
+        out = noise - self._mean_given(xf, a, s, w)
+        return out.reshape(x.shape).to(x.device, x.dtype)
+
     def log_prob(self, x: Tensor, t: Any = 0.0) -> Tensor:
         """Exact log-density of ``x`` under the marginal at timestep ``t`` (per sample)."""
         return torch.logsumexp(self._posterior(x, t)[3], dim=-1)

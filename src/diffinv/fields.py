@@ -1,7 +1,9 @@
 """The one place that knows prediction types and the forms of the probability-flow ODE.
 
 A model enters as a callable ``eps(x, t) -> Tensor`` (classifier-free guidance already folded in),
-``t`` a tensor of float model timesteps. :func:`as_eps_model` adapts v- and x0-prediction models.
+``t`` a tensor of float model timesteps. :func:`as_eps_model` adapts v-, x0- and flow-velocity models.
+A flow model's wrapper also gives ``x0`` from the same call (``eps_x0``), so that no solver divides by
+``alpha = 0`` at the noise end of a flow-matching path.
 A :class:`Field` binds such a model to a :class:`~diffinv.schedules.NoiseSchedule`.
 
 An :class:`ODEForm` says which variable ``s`` the solver steps in, which state ``Y = x / w(t)`` it
@@ -11,7 +13,8 @@ the paper's eqs. 25-28 could not be read):
 ==============  ================  ==============  ===================================
 name            time ``s``        state ``Y``     ``dY/ds``
 ==============  ================  ==============  ===================================
-``t``           timestep ``tau``  ``x``           ``g x - (g / sigma) eps``, ``g = d log alpha / d tau``
+``t``           timestep ``tau``  ``x``           ``g x - (g / sigma) eps``, ``g = d log alpha / d tau`` (VP);
+                                                  ``alpha' x0 + sigma' eps`` on a flow path (``v / N``)
 ``lambda-eps``  ``lambda``        ``x / alpha``   ``-(sigma / alpha) eps``
 ``lambda-x``    ``lambda``        ``x / sigma``   ``(alpha / sigma) x0``  (the paper's default)
 ``sigma``       ``sigma / alpha`` ``x / alpha``   ``eps``
@@ -31,10 +34,37 @@ from torch import Tensor
 
 from .schedules import NoiseSchedule
 
-__all__ = ["FORMS", "PREDICTION_TYPES", "EpsModel", "Field", "ODEForm", "as_eps_model", "get_form"]
+__all__ = ["FORMS", "PREDICTION_TYPES", "EpsModel", "Field", "FlowEpsModel", "ODEForm", "as_eps_model", "get_form"]
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+# diffusers' name for a velocity ``v = eps - x0`` (UniPC/DPM-Solver ``prediction_type="flow_prediction"``).
+FLOW_ALIASES = ("flow", "flow_prediction")
+
+
+class FlowEpsModel:
+    """A velocity model ``v = eps - x0`` on ``x = (1 - sigma) x0 + sigma eps`` seen as an eps-model.
+
+    ``eps = x + (1 - sigma) v`` and ``x0 = x - sigma v``: both finite at both ends of the path.
+    """
+
+    def __init__(self, model: Callable[[Tensor, Tensor], Tensor], schedule: NoiseSchedule):
+        if not schedule.is_flow:
+            raise ValueError(f"a flow (velocity) model needs a flow-matching schedule, got {schedule!r}")
+        self.model = model
+        self.schedule = schedule
+
+    def _sigma(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.schedule.sigma(t.detach().cpu()).to(x.device, x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+
+    def eps_x0(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(eps, x0)`` from one model call."""
+        v = self.model(x, t)
+        sigma = self._sigma(x, t)
+        return x + (1 - sigma) * v, x - sigma * v
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.eps_x0(x, t)[0]
 
 
 def as_eps_model(
@@ -43,6 +73,8 @@ def as_eps_model(
     """Wrap a model predicting ``prediction_type`` (diffusers' names) so that it returns eps."""
     if prediction_type == "epsilon":
         return model
+    if prediction_type in FLOW_ALIASES:
+        return FlowEpsModel(model, schedule)
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
 
@@ -79,8 +111,24 @@ class Field:
 
     def x0(self, x: Tensor, t: float, coefficients: tuple[float, float] | None = None) -> Tensor:
         """Data prediction ``(x - sigma eps) / alpha``; ``coefficients``: ``(alpha_t, sigma_t)`` if known."""
+        return self.eps_x0(x, t, coefficients)[1]
+
+    def eps_x0(self, x: Tensor, t: float, coefficients: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
+        """``(eps, x0)`` from one model call; a flow model gives ``x0`` itself (finite where ``alpha = 0``)."""
+        if isinstance(self.model, FlowEpsModel):
+            tdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            self.nfe += 1
+            eps, x0 = self.model.eps_x0(x, torch.full((), t, dtype=tdtype, device=x.device))
+            if eps.shape != x.shape:
+                raise ValueError(f"model returned shape {tuple(eps.shape)} for input of shape {tuple(x.shape)}")
+            return eps.to(x.dtype), x0.to(x.dtype)
         a, s = self.coefficients(t) if coefficients is None else coefficients
-        return (x - s * self.eps(x, t)) / a
+        if a == 0.0:
+            raise ValueError(
+                f"x0 is undetermined by eps at alpha = 0 (t={t:g}): wrap the model with its prediction type"
+            )
+        eps = self.eps(x, t)
+        return eps, (x - s * eps) / a
 
     def coefficients(self, t: float) -> tuple[float, float]:
         """``(alpha_t, sigma_t)`` as Python floats (solvers take them from their per-grid caches instead)."""
@@ -135,6 +183,10 @@ class ODEForm:
         """
         alpha, sigma = field.coefficients(t) if coefficients is None else coefficients
         if self.name == "t":
+            if field.schedule.is_flow:  # dx/dt = alpha' x0 + sigma' eps: finite at both ends (VP: the form below)
+                eps, x0 = field.eps_x0(y, t, (alpha, sigma))
+                sched = field.schedule
+                return float(sched.d_alpha(t)) * x0 + float(sched.d_sigma(t)) * eps
             g = float(field.schedule.d_log_alpha(t))
             eps = field.eps(y, t)
             return g * y - (g / sigma) * eps

@@ -1,4 +1,4 @@
-"""Noise schedules of VP diffusion models and the time grids that solvers step along.
+"""Noise schedules of Gaussian-path models (VP diffusion, rectified flow) and the time grids solvers step along.
 
 A schedule maps a (fractional) model timestep ``t`` to ``alpha``, ``sigma`` and the half-log-SNR
 ``lam = log(alpha / sigma)``, and back from ``lam`` to ``t``. All schedule arithmetic runs in float64
@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["SPACINGS", "ContinuousScaledLinear", "NoiseSchedule", "check_grid", "make_grid"]
+__all__ = [
+    "SPACINGS",
+    "ContinuousScaledLinear",
+    "FlowMatchingSchedule",
+    "NoiseSchedule",
+    "check_grid",
+    "make_grid",
+    "scheduler_timesteps",
+]
 
 SPACINGS = ("lambda", "time", "sigma")
 
@@ -96,20 +104,32 @@ class NoiseSchedule:
         return cls(torch.cumprod(1.0 - betas, dim=0))
 
     @classmethod
-    def from_scheduler(cls, scheduler: Any) -> NoiseSchedule:
-        """Schedule from a diffusers scheduler instance (uses its ``alphas_cumprod``).
+    def flow_matching(cls, num_train_timesteps: int = 1000) -> FlowMatchingSchedule:
+        """The rectified-flow path ``x = (1 - sigma) x0 + sigma eps``, ``sigma = tau / N`` (SD3, FLUX)."""
+        return FlowMatchingSchedule(num_train_timesteps)
 
-        A scheduler without ``alphas_cumprod`` (flow matching, EDM) has no variance-preserving schedule to
-        invert: ``ValueError``, rather than a schedule guessed from default betas.
+    @classmethod
+    def from_scheduler(cls, scheduler: Any) -> NoiseSchedule:
+        """Schedule from a diffusers scheduler instance.
+
+        DDPM-type schedulers give their ``alphas_cumprod``; ``FlowMatchEulerDiscreteScheduler`` gives the
+        flow-matching path (its shift and dynamic shift only move the grid: use ``spacing="scheduler"``).
+        Any other scheduler without ``alphas_cumprod`` (EDM, ...): ``ValueError``, never a guessed schedule.
         """
+        if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+            return FlowMatchingSchedule(int(scheduler.config.num_train_timesteps))
         abar = getattr(scheduler, "alphas_cumprod", None)
         if abar is None:
             raise ValueError(
                 f"{type(scheduler).__name__} has no alphas_cumprod: diffinv needs a DDPM-type (variance-preserving)"
-                " noise schedule, e.g. a model trained with DDPMScheduler/DDIMScheduler; flow-matching and EDM"
-                " schedulers are not supported"
+                " noise schedule or FlowMatchEulerDiscreteScheduler; EDM-type schedulers are not supported"
             )
         return cls(abar)
+
+    @property
+    def is_flow(self) -> bool:
+        """Whether the path reaches ``alpha = 0`` at ``T`` and ``sigma = 0`` at 0 (infinite half-log-SNR there)."""
+        return False
 
     # -- the maps -----------------------------------------------------------------------------
     @property
@@ -155,6 +175,15 @@ class NoiseSchedule:
         t = _as_f64(t)
         i = torch.clamp(torch.floor(t).long(), 0, int(self.T) - 1)
         return self._log_alpha[i + 1] - self._log_alpha[i]
+
+    def d_alpha(self, t: Any) -> Tensor:
+        """``d alpha / dt``."""
+        return self.alpha(t) * self.d_log_alpha(t)
+
+    def d_sigma(self, t: Any) -> Tensor:
+        """``d sigma / dt`` (from ``alpha**2 + sigma**2 = 1``)."""
+        a = self.alpha(t)
+        return -a * a * self.d_log_alpha(t) / self.sigma(t)
 
     def timestep_of_lam(self, lam: Any) -> Tensor:
         """Inverse of :meth:`lam`: the fractional timestep whose half-log-SNR is ``lam``."""
@@ -227,6 +256,92 @@ class ContinuousScaledLinear(NoiseSchedule):
         return f"ContinuousScaledLinear(beta_start={self.beta_start:g}, beta_end={self.beta_end:g}, N={self.n})"
 
 
+class FlowMatchingSchedule(NoiseSchedule):
+    """The rectified-flow (flow-matching) path: ``sigma = tau / N``, ``alpha = 1 - sigma``, ``tau in [0, N]``.
+
+    The model timestep is diffusers' ``FlowMatchEulerDiscreteScheduler`` one (``timestep = sigma * N``). Both
+    ends are singular in half-log-SNR: ``lam = -inf`` at ``tau = N`` (``alpha = 0``) and ``+inf`` at ``tau = 0``
+    (``sigma = 0``); ``alpha`` and ``sigma`` themselves are exact there, and solvers treat those intervals
+    specially (see :mod:`diffinv.fields`). Not tied to ``alphas_cumprod`` (it has none).
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000):
+        if isinstance(num_train_timesteps, bool) or int(num_train_timesteps) < 1:
+            raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}")
+        self.n = int(num_train_timesteps)
+        self.alphas_cumprod = None
+
+    @property
+    def T(self) -> float:
+        return float(self.n)
+
+    @property
+    def is_flow(self) -> bool:
+        return True
+
+    def sigma(self, t: Any) -> Tensor:
+        return self._check_t(t) / self.n
+
+    def alpha(self, t: Any) -> Tensor:
+        return 1.0 - self.sigma(t)
+
+    def log_alpha(self, t: Any) -> Tensor:
+        return torch.log1p(-self.sigma(t))
+
+    def lam(self, t: Any) -> Tensor:
+        s = self.sigma(t)
+        return torch.log1p(-s) - torch.log(s)
+
+    def chi(self, t: Any) -> Tensor:
+        s = self.sigma(t)
+        return s / (1.0 - s)  # +inf at alpha = 0
+
+    def d_log_alpha(self, t: Any) -> Tensor:
+        return -1.0 / (self.n - self._check_t(t))  # -inf at alpha = 0
+
+    def d_alpha(self, t: Any) -> Tensor:
+        """``d alpha / d tau`` (constant, finite at both ends)."""
+        return torch.full_like(self._check_t(t), -1.0 / self.n)
+
+    def d_sigma(self, t: Any) -> Tensor:
+        """``d sigma / d tau``."""
+        return torch.full_like(self._check_t(t), 1.0 / self.n)
+
+    def timestep_of_lam(self, lam: Any) -> Tensor:
+        lam = _as_f64(lam)
+        if torch.isnan(lam).any():
+            raise ValueError("lambda is NaN")
+        return self.n * torch.sigmoid(-lam)
+
+    def timestep_of_chi(self, chi: Any) -> Tensor:
+        chi = _as_f64(chi)
+        if torch.isnan(chi).any() or (chi < 0).any():
+            raise ValueError("sigma/alpha must be >= 0")
+        return torch.where(torch.isinf(chi), torch.full_like(chi, float(self.n)), self.n * chi / (1.0 + chi))
+
+    def __repr__(self) -> str:
+        return f"FlowMatchingSchedule(N={self.n})"
+
+
+def scheduler_timesteps(scheduler: Any, steps: int, **set_timesteps_kwargs: Any) -> Tensor:
+    """A diffusers scheduler's own grid for ``steps`` steps, as our timesteps (generation order, ending at 0).
+
+    For ``FlowMatchEulerDiscreteScheduler`` these are its ``sigmas * num_train_timesteps`` (its shift, and FLUX's
+    resolution-dependent dynamic shift via ``mu=...`` in ``set_timesteps_kwargs``, are choices of this grid);
+    for DDPM-type schedulers its ``timesteps`` followed by 0.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    scheduler.set_timesteps(steps, **set_timesteps_kwargs)
+    if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+        grid = scheduler.sigmas.detach().to(torch.float64) * float(scheduler.config.num_train_timesteps)
+    else:
+        grid = scheduler.timesteps.detach().to(torch.float64)
+        if grid[-1] > 0:
+            grid = torch.cat([grid, grid.new_zeros(1)])
+    return grid
+
+
 def check_grid(schedule: NoiseSchedule, timesteps: Any) -> Tensor:
     """Validate an explicit grid (generation order, strictly decreasing, inside the schedule)."""
     try:
@@ -250,17 +365,41 @@ def make_grid(
     spacing: str = "lambda",
     start: float | None = None,
     end: float = 0.0,
+    scheduler: Any = None,
+    **set_timesteps_kwargs: Any,
 ) -> Tensor:
     """Timesteps for ``steps`` solver steps, generation order, from ``start`` (default ``T``) to ``end``.
 
     ``spacing``: ``"lambda"`` uniform in half-log-SNR (the paper's default), ``"time"`` uniform in
-    model timestep, ``"sigma"`` uniform in ``sigma/alpha``. Returns ``steps + 1`` float64 timesteps.
+    model timestep, ``"sigma"`` uniform in ``sigma/alpha``, ``"scheduler"`` the given diffusers
+    ``scheduler``'s own grid (:func:`scheduler_timesteps`; ``start``/``end`` must be left at their defaults).
+    Returns ``steps + 1`` float64 timesteps. On a flow-matching schedule ``lambda`` and ``sigma/alpha`` are
+    infinite at the ends: ``"lambda"`` needs ``0 < end < start < T`` and ``"sigma"`` needs ``start < T``.
     """
+    if spacing == "scheduler":
+        if scheduler is None:
+            raise ValueError('spacing="scheduler" needs the pipeline scheduler (scheduler=...)')
+        if start is not None or end != 0.0:
+            raise ValueError('spacing="scheduler" takes the scheduler\'s own grid: start/end cannot be set')
+        return check_grid(schedule, scheduler_timesteps(scheduler, steps, **set_timesteps_kwargs))
+    if scheduler is not None or set_timesteps_kwargs:
+        raise ValueError('scheduler and set_timesteps options are only used with spacing="scheduler"')
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     start = schedule.T if start is None else float(start)
     if not (math.isfinite(start) and 0 <= end < start <= schedule.T):
         raise ValueError(f"start must satisfy {end:g} < start <= {schedule.T:g}, got {start!r}")
+    if spacing in ("lambda", "sigma"):
+        ends = schedule.lam(torch.tensor([start, end], dtype=torch.float64))
+        if spacing == "sigma":
+            ends = torch.exp(-ends)
+        if not torch.isfinite(ends).all():
+            what = "half-log-SNR" if spacing == "lambda" else "sigma/alpha"
+            raise ValueError(
+                f"{spacing!r} spacing needs a finite {what} at both ends, infinite at timestep"
+                f" {start if not torch.isfinite(ends[0]) else end:g} of {schedule!r}; use spacing 'time' or"
+                " 'scheduler', or start/end strictly inside the schedule"
+            )
     if spacing == "time":
         grid = torch.linspace(start, end, steps + 1, dtype=torch.float64)
     elif spacing == "lambda":

@@ -55,10 +55,16 @@ class DDIM(Solver):
         return 2
 
     def step(self, field: Field, grid: Grid, k: int, state: State) -> State:
+        if grid.alpha[k] == 0.0:  # the noise end of a flow path: x_j = alpha_j x0 + sigma_j eps, as flow Euler
+            eps, x0 = field.eps_x0(state.x, grid.t[k], (grid.alpha[k], grid.sigma[k]))
+            return State(grid.alpha[k + 1] * x0 + grid.sigma[k + 1] * eps)
         return State(ddim_update(grid, k, k + 1, state.x, field.eps(state.x, grid.t[k])))
 
     def backward_step(self, field: Field, grid: Grid, k: int, state: State) -> State:
         t_eval = grid.t[k + 1] if self.inversion_timestep == "current" else grid.t[k]
+        if self.inversion_timestep == "target" and grid.alpha[k] == 0.0:
+            eps, x0 = field.eps_x0(state.x, t_eval, (grid.alpha[k], grid.sigma[k]))
+            return State(grid.alpha[k] * x0 + grid.sigma[k] * eps)  # x0 at alpha = 0 never divides
         return State(ddim_update(grid, k + 1, k, state.x, field.eps(state.x, t_eval)))
 
 
