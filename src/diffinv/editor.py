@@ -28,10 +28,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .controls import DirectOffsets, P2POptions, PromptToPrompt
 from .devices import check_device
 from .families import Conditioning, family_for_model, family_of
 from .fields import EpsModel, as_eps_model
 from .images import RESIZE_MODES, ImageLike, load_image, pil_to_tensor, tensor_to_pil
+from .inversions import INVERSION_METHODS, direct_offsets, null_text_embeddings, pivot_inversion
 from .smoothing import SMOOTH_LORA_ID, ProximalGuidance, load_lora, parse_smoothing
 from .runtime import check_options, configure
 from .solve import Inversion, generate, invert
@@ -45,6 +47,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_NPI_GUIDANCE = 7.5
 OUTPUT_TYPES = ("pil", "latent")
+CONTROLS = (None, "p2p")
 
 
 @dataclass
@@ -64,6 +67,9 @@ class EditInversion(Inversion):
     source: Tensor | None = None
     images: list[Image.Image] = field(default_factory=list)
     trajectory: dict[int, dict[str, Tensor]] | None = None
+    method: str = "plain"  # or "null-text" / "direct" (diffinv.inversions)
+    null_embeddings: Tensor | None = None  # null-text: unconditional text states per step (steps, N, L, D)
+    offsets: Tensor | None = None  # direct: per-step source-branch differences (steps, N, C, h, w)
 
 
 class _GuidedEps:
@@ -87,6 +93,10 @@ class _GuidedEps:
         self.both = None if plain else Conditioning.cat([uncond, cond])
         self.mask: Tensor | None = None
         self.mask_t: float | None = None
+
+    def set_uncond(self, uncond: Conditioning) -> None:
+        """Swap the unconditional branch (null-text inversion's per-step embeddings)."""
+        self.both = Conditioning.cat([uncond, self.cond])
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         if self.both is None:
@@ -242,6 +252,7 @@ class Editor:
 
         self.lora_layers: list[str] = []
         self.lora_hooks = None
+        self.control: PromptToPrompt | None = None  # the last edit's control (diagnostics, source branch)
         self.lora_scale = _check_number("lora_scale", lora_scale)
         if "smooth-lora" in self.smoothing:
             source = SMOOTH_LORA_ID if lora is None else lora
@@ -326,6 +337,10 @@ class Editor:
         w = self.guidance if guidance is None else _check_number("guidance", guidance, 0.0)
         return _GuidedEps(self, cond, uncond, w)
 
+    def guided_eps(self, cond: Conditioning, uncond: Conditioning | None, guidance: float) -> EpsModel:
+        """The CFG-guided ``eps(x, t)`` for prepared conditionings (``uncond`` ``None``: conditional only)."""
+        return _GuidedEps(self, cond, uncond, guidance)
+
     # -- images <-> latents ----------------------------------------------------------------------
     def encode_images(self, images: Sequence[Image.Image], generator: torch.Generator | None = None) -> Tensor:
         """Clean latents (solver dtype) of RGB images: the VAE posterior mean, or a sample with ``generator``."""
@@ -354,19 +369,33 @@ class Editor:
         image: ImageLike | Sequence[ImageLike],
         prompt: str | Sequence[str],
         generator: torch.Generator | None = None,
+        method: str = "plain",
+        **method_options: Any,
     ) -> EditInversion:
         """Invert image(s) described by ``prompt`` (one per image, or one for all) to noise.
 
-        ``generator``: sample the VAE posterior with it (default: its mean, fully deterministic).
+        ``generator``: sample the VAE posterior with it (default: its mean, fully deterministic). ``method``:
+        ``"plain"`` (the solver's inversion at ``inversion_guidance``), ``"null-text"`` or ``"direct"``
+        (:mod:`diffinv.inversions`; options ``inner_steps``, ``epsilon``, ``lr`` for null-text).
         """
         pil = self.load_images(image)
         latent = self.encode_images(pil, generator)
-        inv = self.invert_latent(latent, _expand(_prompts(prompt, "prompt"), len(pil), "prompts"))
+        inv = self.invert_latent(
+            latent, _expand(_prompts(prompt, "prompt"), len(pil), "prompts"), method=method, **method_options
+        )
         inv.images = pil
         return inv
 
-    def invert_latent(self, latent: Tensor, prompt: str | Sequence[str]) -> EditInversion:
+    def invert_latent(
+        self, latent: Tensor, prompt: str | Sequence[str], method: str = "plain", **method_options: Any
+    ) -> EditInversion:
         """Invert clean latents ``(N, C, h, w)`` (VAE space, scaled) with their source prompts."""
+        if method not in INVERSION_METHODS:
+            raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(INVERSION_METHODS)}")
+        if method != "plain":
+            return self._pivot_inversion(latent, prompt, method, **method_options)
+        if method_options:
+            raise ValueError(f"inversion options {', '.join(sorted(method_options))} need method 'null-text'")
         with torch.inference_mode(), self.family.placed():
             if not isinstance(latent, Tensor) or latent.dim() != 4:
                 raise ValueError(f"latent must be a (N, C, h, w) tensor, got {getattr(latent, 'shape', latent)!r}")
@@ -412,45 +441,156 @@ class Editor:
                 trajectory=trajectory,
             )
 
+    def _pivot_inversion(
+        self, latent: Tensor, prompt: str | Sequence[str], method: str, **options: Any
+    ) -> EditInversion:
+        """Null-text inversion or DirectInversion (:mod:`diffinv.inversions`): a pivot at guidance 1, then the
+        per-step embeddings or differences that make the guided (``guidance``) source branch land on it."""
+        if self.npi or self.proximal is not None:
+            raise ValueError(f"inversion {method} does not combine with smoothing npi/proximal")
+        if method == "direct" and options:
+            raise ValueError(f"inversion options {', '.join(sorted(options))} need method 'null-text'")
+        with torch.inference_mode(), self.family.placed():
+            if not isinstance(latent, Tensor) or latent.dim() != 4:
+                raise ValueError(f"latent must be a (N, C, h, w) tensor, got {getattr(latent, 'shape', latent)!r}")
+            latent = latent.to(self.device, self.solver_dtype)
+            prompts = _expand(_prompts(prompt, "prompt"), latent.shape[0], "prompts")
+            cond = self.encode_prompts(prompts)
+            uncond = self.encode_prompts([self.negative_prompt]).index([0] * len(prompts))
+            progress = "pivot" if self.progress else False
+            inv, pivot = pivot_inversion(
+                _GuidedEps(self, cond, None, 1.0), latent, self.schedule, self.solver, self.timesteps, progress
+            )
+            result = EditInversion(
+                inv.state,
+                inv.grid,
+                inv.solver,
+                inv.dtype,
+                inv.nfe,
+                prompts=prompts,
+                cond=cond,
+                uncond=uncond,
+                guidance=self.guidance,
+                source=latent,
+                method=method,
+            )
+            if method == "direct":
+                model = _GuidedEps(self, cond, uncond, self.guidance)
+                result.offsets = direct_offsets(model, self.solver, inv.grid, pivot)
+                return result
+        with self.family.placed():  # null-text: gradients through the UNet, outside inference mode
+            cond_g = Conditioning(cond.hidden.clone(), {k: v.clone() for k, v in cond.extra.items()})
+            result.null_embeddings = null_text_embeddings(
+                lambda u: _GuidedEps(self, cond_g, u, self.guidance),
+                uncond,
+                self.solver,
+                inv.grid,
+                pivot,
+                progress=self.progress,
+                **options,
+            )
+        return result
+
     def edit(
         self,
         inv: EditInversion,
         targets: str | Sequence[str],
         guidance: float | None = None,
         output_type: str = "pil",
+        control: str | PromptToPrompt | None = None,
+        **p2p_options: Any,
     ) -> list[Image.Image] | Tensor:
         """Generate every inverted image under every target prompt, in one batched pass.
 
         Returns ``images * targets`` results, image-major (image 0 with each target, then image 1, ...).
+        ``control="p2p"``: Prompt-to-Prompt (:mod:`diffinv.controls.p2p`; ``p2p_options`` are
+        :class:`~diffinv.controls.P2POptions`): a source branch with the source prompt runs in the same batch and
+        its attention is injected into the targets; ``editor.control`` then holds the control (its
+        ``source_result`` is the source branch's latent). A direct inversion's differences go to the source branch.
         """
+        if control not in CONTROLS and not isinstance(control, PromptToPrompt):
+            raise ValueError(f"unknown control {control!r}; choose p2p or none")
+        if p2p_options and control is None:
+            raise ValueError(f"options {', '.join(sorted(p2p_options))} need control='p2p'")
         with torch.inference_mode(), self.family.placed():
             _check_inversion(inv)
             items = _prompts(targets, "targets")
-            n, k = len(inv.cond), len(items)
+            n = len(inv.cond)
+            p2p = control if isinstance(control, PromptToPrompt) else None
+            if control == "p2p":
+                steps = len(self.timesteps) - 1
+                p2p = PromptToPrompt(inv.prompts, items, self.pipe.tokenizer, steps, P2POptions(**p2p_options))
+            if p2p is None:
+                k = len(items)
+                cond = self.encode_prompts(items).index([j for _ in range(n) for j in range(k)])
+            else:  # per image: a source branch with its own source prompt, then the targets
+                k = p2p.group
+                encoded = self.encode_prompts([*p2p.source_prompts, *p2p.target_prompts])
+                cond = encoded.index([j for i in range(n) for j in [i, *range(n, n + k - 1)]])
             rows = [i for i in range(n) for _ in range(k)]
-            cond = self.encode_prompts(items).index([j for _ in range(n) for j in range(k)])
             if self.npi:  # NPI: the source prompt replaces the null prompt
                 uncond = inv.cond.index(rows)
             else:
                 uncond = self.encode_prompts([self.negative_prompt]).index([0] * (n * k))
             w = self.guidance if guidance is None else _check_number("guidance", guidance, 0.0)
             model = _GuidedEps(self, cond, uncond, w, self.proximal)
-            callback = None if self.proximal is None else self._inversion_guidance(model, inv, rows)
-            x = generate(
-                model,
-                _replicate(inv, rows),
-                callback=callback,
-                progress="edit" if self.progress else False,
-            )
+            callbacks = []
+            if self.proximal is not None:
+                callbacks.append(self._inversion_guidance(model, inv, rows))
+            if inv.offsets is not None and p2p is not None:
+                callbacks.append(DirectOffsets(inv.offsets.index_select(1, _rows(inv, range(n)))).callback(group=k))
+            if p2p is not None:
+                callbacks.append(p2p.callback)
+            callbacks += self._null_text(model, inv, rows)
+            previous = p2p.install(self.unet) if p2p is not None else None
+            try:
+                x = generate(
+                    model,
+                    _replicate(inv, rows),
+                    callback=_chain(callbacks),
+                    progress="edit" if self.progress else False,
+                )
+            finally:
+                if previous is not None:
+                    self.unet.set_attn_processor(previous)
+            self.control = p2p
+            if p2p is not None:
+                x = x.view(n, k, *x.shape[1:])[:, 1:].flatten(0, 1)
             return self._output(x, output_type)
 
     def reconstruct(self, inv: EditInversion, output_type: str = "pil") -> list[Image.Image] | Tensor:
-        """Generate back with the inversion's own field (source prompt, inversion guidance): the round trip."""
+        """Generate back with the inversion's own field (source prompt, inversion guidance): the round trip.
+
+        Null-text: with the per-step embeddings; direct: the source branch with its differences (ends on the
+        source latent)."""
         with torch.inference_mode(), self.family.placed():
             _check_inversion(inv)
             model = _GuidedEps(self, inv.cond, inv.uncond, inv.guidance)
-            x = generate(model, inv, progress="reconstruct" if self.progress else False)
+            rows = list(range(len(inv.cond)))
+            callbacks = self._null_text(model, inv, rows)
+            if inv.offsets is not None:
+                callbacks.append(DirectOffsets(inv.offsets).callback(group=1))
+            x = generate(model, inv, callback=_chain(callbacks), progress="reconstruct" if self.progress else False)
             return self._output(x, output_type)
+
+    def _null_text(self, model: _GuidedEps, inv: EditInversion, rows: list[int]) -> list[Any]:
+        """Null-text inversion: set step 0's embeddings now, and a callback that sets each next step's."""
+        emb = inv.null_embeddings
+        if emb is None:
+            return []
+        idx = _rows(inv, rows)
+        extra = {k: v.index_select(0, idx.to(v.device)) for k, v in inv.uncond.extra.items()}
+
+        def at(step: int) -> Conditioning:
+            return Conditioning(emb[step].index_select(0, idx.to(emb.device)).to(self.device), extra)
+
+        model.set_uncond(at(0))
+
+        def callback(k: int, t: float, state: State) -> None:
+            if k < emb.shape[0]:
+                model.set_uncond(at(k))
+
+        return [callback]
 
     def _inversion_guidance(self, model: _GuidedEps, inv: EditInversion, rows: list[int]):
         """Step callback of proximal guidance: outside the edit mask, pull the state to the inversion's."""
@@ -501,6 +641,25 @@ def _expand(prompts: list[str], n: int, what: str) -> list[str]:
 def _check_inversion(inv: Any) -> None:
     if not isinstance(inv, EditInversion) or inv.cond is None:
         raise ValueError(f"expected the result of Editor.invert, got {type(inv).__name__}")
+
+
+def _rows(inv: EditInversion, rows: Sequence[int]) -> Tensor:
+    return torch.as_tensor(list(rows), dtype=torch.long, device=inv.state.x.device)
+
+
+def _chain(callbacks: list[Any]) -> Any:
+    """One solve-loop callback running ``callbacks`` in order, each seeing the previous one's state."""
+    if not callbacks:
+        return None
+
+    def run(k: int, t: float, state: State) -> State | None:
+        changed = None
+        for cb in callbacks:
+            new = cb(k, t, state if changed is None else changed)
+            changed = changed if new is None else new
+        return changed
+
+    return run
 
 
 def _replicate(inv: EditInversion, rows: list[int]) -> Inversion:
