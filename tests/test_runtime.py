@@ -83,7 +83,10 @@ def model_dir(tmp_path_factory):
 def _cli_edit(root, *extra) -> int:
     args = [str(root / "photo.png"), "--source", "a cat", "--target", "a dog", "--model", str(root / "model")]
     args += ["--steps", "2", "--device", "cpu", "--dtype", "fp32", "--no-progress", "--out", str(root / "e.png")]
-    return cli.main(["edit", *args, *extra])
+    try:
+        return cli.main(["edit", *args, *extra])
+    except SystemExit as stop:  # argparse rejects bad choices itself, with status 2
+        return stop.code
 
 
 def test_edit_flags_reach_the_editor_and_the_sidecar(model_dir, capsys):

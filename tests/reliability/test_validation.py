@@ -141,7 +141,7 @@ def test_edit_refuses_bad_models(files, tiny_model, broken_models, tmp_path):
         (tmp_path / "nowhere", 2, "model folder not found"),
         (files, 2, "not a diffusers model folder"),
         (broken_models["wrong"], 2, "unsupported pipeline 'FluxPipeline'"),
-        (broken_models["flow"], 2, "alphas_cumprod"),
+        (broken_models["flow"], 2, "'lambda' spacing needs a finite half-log-SNR"),
     ]
     for model, status, message in cases:
         code, _, err = run_cli(_edit(photo, "--out", str(tmp_path / "x.png"), model=model))

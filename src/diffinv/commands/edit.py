@@ -134,8 +134,10 @@ def run(args: argparse.Namespace) -> int:
         generator = torch.Generator("cpu").manual_seed(args.seed)  # a CPU generator: same draw on every device
     if args.no_progress:
         from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
         diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()  # its "Loading weights" bar
     model = args.model or DEFAULT_MODEL
     with torch.inference_mode():
         editor = Editor.from_pretrained(
