@@ -34,8 +34,8 @@ from .families import Conditioning, family_for_model, family_of
 from .fields import EpsModel, as_eps_model
 from .images import RESIZE_MODES, ImageLike, load_image, pil_to_tensor, tensor_to_pil
 from .inversions import INVERSION_METHODS, direct_offsets, null_text_embeddings, pivot_inversion
-from .smoothing import SMOOTH_LORA_ID, ProximalGuidance, load_lora, parse_smoothing
 from .runtime import check_options, configure
+from .smoothing import SMOOTH_LORA_ID, ProximalGuidance, load_lora, parse_smoothing
 from .solve import Inversion, generate, invert
 from .solvers import Solver, State, get_solver, resolve_spacing
 
