@@ -106,6 +106,7 @@ def test_run_writes_images_records_and_table(data, suite, tmp_path):
         stored = json.loads((out / "config.json").read_text())["config"]
         assert stored["solver"] == solver and stored["steps"] == 10 and stored["smoothing"] == ["npi"]
         assert stored["dtype"] == "fp32" and stored["seed"] == 1234
+        assert stored["spacing"] == {"ddim": "time", "ees27": "lambda", "bdia": "time"}[solver]  # auto, resolved
     dataset = PieBench(data)
     rows = {r[0]: dict(zip(COLUMNS, r)) for r in read_table(tables["ees27"])[1:]}
     for record in dataset:
@@ -272,6 +273,8 @@ def test_cli_end_to_end_with_real_editor(data, tmp_path, capsys):
         argv = ["bench", "--data", str(data), "--model", str(model), "--solver", solver, "--steps", "4"]
         argv += ["--metrics", "psnr,mse,ssim", "--device", "cpu", "--no-progress", "--out", str(out), "--limit", "3"]
         assert main(argv) == 0, capsys.readouterr().err
+        spacing = json.loads((out / "config.json").read_text())["config"]["spacing"]
+        assert spacing == ("lambda" if solver.startswith("ees") else "time"), (solver, spacing)
         rows = read_table(out / "metrics.csv")
         assert len(rows) == 4 and all(r[COLUMNS.index("diverged")] == "0" for r in rows[1:])
         assert all(r[COLUMNS.index("lpips")] == "" for r in rows[1:])  # not chosen: empty
@@ -290,7 +293,11 @@ def test_every_preset_run_is_a_valid_configuration():
         assert preset.runs, preset.name
         for name, overrides in preset.runs.items():
             config = RunConfig(model="m", **overrides)
+            assert config.spacing == overrides.get("spacing", get_solver(config.solver).reference_spacing)
             get_solver(config.solver, **config.solver_options)  # unknown solver or option -> ValueError
             parse_smoothing(config.smoothing)
             assert "/" not in name
     assert len(PRESETS["solver-ablation"].runs) == 4 * 4 * 3
+    assert RunConfig(model="m", solver="ddim", spacing="lambda").spacing == "lambda"  # an explicit spacing wins
+    with pytest.raises(ValueError, match="unknown spacing"):
+        RunConfig(model="m", spacing="log")

@@ -43,10 +43,9 @@ from PIL import Image
 
 from ..devices import check_device
 from ..metrics import METRICS, MetricSuite, align_edit, parse_metrics
-from ..schedules import SPACINGS
 from ..smoothing import parse_smoothing
 from ..solve import SolverDivergence
-from ..solvers import get_solver
+from ..solvers import get_solver, resolve_spacing
 from .piebench import PieBench, PieRecord
 from .presets import PROMPT_RULES, prompt_pairs
 
@@ -82,7 +81,7 @@ class RunConfig:
     solver: str = "ees27"
     solver_options: dict[str, Any] = field(default_factory=dict)
     steps: int = 50
-    spacing: str = "lambda"
+    spacing: str = "auto"  # resolved in __post_init__: config.json records the grid actually used
     guidance: float | None = None  # None: the editor's default
     inversion_guidance: float | None = None
     smoothing: list[str] = field(default_factory=list)
@@ -108,9 +107,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"unknown spacing {self.spacing!r}; choose one of {', '.join(SPACINGS)}")
-        get_solver(self.solver, **(self.solver_options or {}))  # unknown solver or bad option: ValueError
+        solver = get_solver(self.solver, **(self.solver_options or {}))  # unknown solver or bad option: ValueError
+        self.spacing = resolve_spacing(solver, self.spacing)  # "auto": the solver's reference grid
         parse_smoothing(self.smoothing)
         self.metrics = list(parse_metrics(self.metrics))
         self.smoothing = list(self.smoothing or [])

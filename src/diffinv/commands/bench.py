@@ -23,7 +23,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--solver", default="ees27", help="solver name (diffinv list-solvers; default ees27)")
     p.add_argument("--solver-option", action="append", default=[], metavar="K=V", help="solver option, e.g. gamma=0.96")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--spacing", default="lambda", help="grid spacing: lambda, time or sigma")
+    p.add_argument(
+        "--spacing",
+        default="auto",
+        help="grid spacing: auto (default: each solver's reference grid, recorded resolved in config.json), "
+        "lambda, time or sigma",
+    )
     p.add_argument("--guidance", type=float, help="editing CFG scale (default: the editor's)")
     p.add_argument("--inversion-guidance", type=float, help="CFG scale while inverting (default: the editor's)")
     p.add_argument("--smoothing", nargs="*", default=[], help="smoothing strategies: npi, proximal, smooth-lora")
