@@ -12,7 +12,7 @@ from test_bench_runner import FakeEditor
 from test_piebench import make_dataset
 
 from diffinv.bench import PieBench, RunConfig, run_bench
-from diffinv.bench.report import SCALE, find_runs, guidance_groups, smoothing_pairs, summarize
+from diffinv.bench.report import SCALE, find_runs, guidance_groups, smoothing_pairs, summarize, unique_labels
 from diffinv.cli import main
 from diffinv.metrics import METRICS
 
@@ -91,7 +91,8 @@ def test_report_command_writes_tables_and_figures(runs, tmp_path, capsys):
     style = next(r for r in by_type if r["type"] == "9" and r["run"] == "ees27")
     assert style["psnr"] == "nan" and style["psnr_nan"] == "1" and style["clip_whole"] != "nan"
     md = (out / "report.md").read_text()
-    assert "LPIPS ×10³ ↓" in md and "| ees27 | ees27 | none |" in md and "## Per edit type" in md
+    assert "LPIPS ×10³ ↓" in md and "| ees27 | ees27 | lambda | none |" in md
+    assert "| bdia | bdia | time | none |" in md and "## Per edit type" in md
     for name in ("fig4_clip_vs_lpips", "fig7_smoothing", "guidance", "grid"):
         with Image.open(out / f"{name}.png") as im:
             assert im.size[0] > 100 and im.size[1] > 100
@@ -104,3 +105,34 @@ def test_report_command_writes_tables_and_figures(runs, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["report", str(root / "sweep"), "--out", str(tmp_path / "x"), "--ids", "999"]) == 2
     assert "not done in every run" in capsys.readouterr().err
+
+
+def test_infinities_are_counted_apart_from_nans_and_recon_columns_are_reported():
+    records = [
+        {"editing_type_id": 0, "diverged": 0, "psnr": 20.0, "recon_psnr": 30.0, "recon_latent_rmse": 0.002},
+        {"editing_type_id": 0, "diverged": 0, "psnr": math.inf, "recon_psnr": 40.0, "recon_latent_rmse": 0.004},
+        {"editing_type_id": 9, "diverged": 0, "psnr": math.nan, "recon_psnr": math.inf},
+        {"editing_type_id": 1, "diverged": 1, "psnr": math.nan},
+    ]
+    out = summarize(records)
+    assert out["psnr"] == 20.0 and out["psnr_inf"] == 1 and out["psnr_nan"] == 1
+    assert out["inf"] == 2 and out["nan"] == 1 and out["diverged"] == 1  # image 2 has a nan and an inf
+    assert out["recon_psnr"] == 35.0 and out["recon_psnr_inf"] == 1
+    assert out["recon_latent_rmse"] == pytest.approx(3.0)  # ×10³
+    assert "recon_ssim" not in out  # no record has it: no column
+    assert "recon_psnr" not in summarize(records[:1], columns=list(METRICS))
+
+
+def test_same_named_runs_are_labelled_by_their_shortest_unique_suffix(runs, tmp_path):
+    import shutil
+
+    root, _ = runs
+    for model in ("sd15", "sdxl"):
+        shutil.copytree(root / "sweep" / "ees27", tmp_path / model / "ees27")
+    shutil.copytree(root / "sweep" / "bdia", tmp_path / "sd15" / "bdia")
+    paths = [tmp_path / "sd15" / "ees27", tmp_path / "sdxl" / "ees27", tmp_path / "sd15" / "bdia"]
+    assert unique_labels(paths) == ["sd15/ees27", "sdxl/ees27", "bdia"]
+    out = tmp_path / "report"
+    assert main(["report", *map(str, paths), "--out", str(out), "--no-plots"]) == 0
+    with open(out / "summary.csv", newline="") as f:
+        assert [r["run"] for r in csv.DictReader(f)] == ["sd15/ees27", "sdxl/ees27", "bdia"]

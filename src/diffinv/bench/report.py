@@ -2,8 +2,10 @@
 
 Tables scale the metrics as the PIE-Bench paper prints them: structure distance and LPIPS ×10³, MSE ×10⁴,
 SSIM ×10², PSNR in dB, CLIP scores as they are (already ×100). Means skip diverged images (counted in
-``diverged``) and ``nan`` values (background metrics of images whose mask covers everything; counted in
-``nan``), as the PIE-Bench authors average their CSV.
+``diverged``), ``nan`` values (background metrics of images whose mask covers everything; counted in ``nan``)
+and infinities (the PSNR of a background left bit-identical; counted in ``inf``). The official script would
+average an ``inf`` into an infinite column mean, so a published finite PSNR had none: a mean with ``inf > 0``
+is over the finite images only and says so. Reconstruction columns (``recon_*``) appear when runs have them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import METRICS
+from ..metrics import summarize as summarize_column
 from .piebench import EDIT_TYPES
 from .runner import CONFIG_FILE, read_records
 
@@ -30,6 +33,7 @@ __all__ = [
     "load_run",
     "smoothing_pairs",
     "summarize",
+    "unique_labels",
     "write_report",
 ]
 
@@ -41,7 +45,13 @@ SCALE = {
     "ssim": 1e2,
     "clip_whole": 1.0,
     "clip_edited": 1.0,
+    "recon_psnr": 1.0,
+    "recon_mse": 1e4,
+    "recon_ssim": 1e2,
+    "recon_lpips": 1e3,
+    "recon_latent_rmse": 1e3,
 }
+RECON_METRICS = ("recon_psnr", "recon_mse", "recon_ssim", "recon_lpips", "recon_latent_rmse")
 HEADERS = {
     "structure_distance": "Structure ×10³ ↓",
     "psnr": "PSNR ↑",
@@ -50,6 +60,11 @@ HEADERS = {
     "ssim": "SSIM ×10² ↑",
     "clip_whole": "CLIP whole ↑",
     "clip_edited": "CLIP edited ↑",
+    "recon_psnr": "recon PSNR ↑",
+    "recon_mse": "recon MSE ×10⁴ ↓",
+    "recon_ssim": "recon SSIM ×10² ↑",
+    "recon_lpips": "recon LPIPS ×10³ ↓",
+    "recon_latent_rmse": "recon latent RMSE ×10³ ↓",
 }
 
 
@@ -79,6 +94,18 @@ def load_run(path: str | Path) -> Run:
     return Run(path, path.name, config, stored.get("data"), read_records(path))
 
 
+def unique_labels(paths: Sequence[Path]) -> list[str]:
+    """Each path's shortest suffix (``a/ees27``) that no other path in ``paths`` ends with too."""
+    parts = [Path(p).resolve().parts for p in paths]
+    labels = []
+    for i, mine in enumerate(parts):
+        for k in range(1, len(mine) + 1):
+            if all(other[-k:] != mine[-k:] for j, other in enumerate(parts) if j != i):
+                break
+        labels.append("/".join(mine[-k:]))
+    return labels
+
+
 def find_runs(paths: Sequence[str | Path]) -> list[Run]:
     """Run folders from ``paths``; a folder without ``config.json`` stands for its run subfolders (a preset)."""
     runs = []
@@ -102,19 +129,26 @@ def _value(record: dict[str, Any], metric: str) -> float | None:
     return None if v is None else float(v)
 
 
-def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``n``, ``diverged``, ``nan`` (images with any nan metric) and each metric's scaled mean and nan count."""
+def _columns(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The metric columns to report: the edit metrics, then the reconstruction ones that some record has."""
+    return [*METRICS, *(m for m in RECON_METRICS if any(r.get(m) is not None for r in records))]
+
+
+def summarize(records: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> dict[str, Any]:
+    """``n``, ``diverged``, ``nan`` / ``inf`` (images with any nan / infinite metric) and, per metric, its scaled
+    mean over the finite values (:func:`diffinv.metrics.summarize`) with its own nan and inf counts."""
     kept = [r for r in records if not r.get("diverged")]
     out: dict[str, Any] = {"n": len(records), "diverged": len(records) - len(kept)}
-    nan_rows = set()
-    for m in METRICS:
+    nan_rows, inf_rows = set(), set()
+    for m in columns if columns is not None else _columns(records):
         values = [(i, _value(r, m)) for i, r in enumerate(kept)]
         present = [(i, v) for i, v in values if v is not None]
-        finite = [v for _, v in present if math.isfinite(v)]
-        nan_rows.update(i for i, v in present if not math.isfinite(v))
-        out[m] = sum(finite) / len(finite) * SCALE[m] if finite else math.nan
-        out[f"{m}_nan"] = len(present) - len(finite)
-    out["nan"] = len(nan_rows)
+        column = summarize_column([v for _, v in present])
+        nan_rows.update(i for i, v in present if math.isnan(v))
+        inf_rows.update(i for i, v in present if math.isinf(v))
+        out[m] = column["mean"] * SCALE[m]
+        out[f"{m}_nan"], out[f"{m}_inf"] = column["n_nan"], column["n_inf"]
+    out["nan"], out["inf"] = len(nan_rows), len(inf_rows)
     return out
 
 
@@ -148,8 +182,8 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _markdown(rows: list[dict[str, Any]], first: Sequence[str]) -> str:
-    cols = [*first, "n", "diverged", "nan", *METRICS]
+def _markdown(rows: list[dict[str, Any]], first: Sequence[str], columns: Sequence[str]) -> str:
+    cols = [*first, "n", "diverged", "nan", "inf", *columns]
     head = [HEADERS.get(c, c) for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
@@ -162,15 +196,15 @@ def write_report(
     """Write ``summary.csv``, ``summary_by_type.csv``, ``report.md`` and the PNG figures; returns the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two runs share a folder name ({', '.join(sorted(n for n in names if names.count(n) > 1))})")
-    overall = [{"run": r.name, **_describe(r.config), **summarize(r.records)} for r in runs]
+    for run, label in zip(runs, unique_labels([r.path for r in runs])):
+        run.name = label
+    columns = _columns([rec for r in runs for rec in r.records])
+    overall = [{"run": r.name, **_describe(r.config), **summarize(r.records, columns)} for r in runs]
     by_type = []
     for r in runs:
         for t in sorted({int(rec["editing_type_id"]) for rec in r.records}):
             records = [rec for rec in r.records if int(rec["editing_type_id"]) == t]
-            by_type.append({"run": r.name, "type": t, "edit": EDIT_TYPES[t], **summarize(records)})
+            by_type.append({"run": r.name, "type": t, "edit": EDIT_TYPES[t], **summarize(records, columns)})
     written = [out / "summary.csv", out / "summary_by_type.csv", out / "report.md"]
     written[0].write_text(_csv(overall), encoding="utf-8")
     written[1].write_text(_csv(by_type), encoding="utf-8")
@@ -178,13 +212,16 @@ def write_report(
         "# PIE-Bench results",
         "",
         "Structure distance and LPIPS ×10³, MSE ×10⁴, SSIM ×10² (as the PIE-Bench paper). Means skip diverged "
-        "images (`diverged`) and nan values (`nan`: images whose mask covers the whole image have no background).",
+        "images (`diverged`), nan values (`nan`: images whose mask covers the whole image have no background) and "
+        "infinities (`inf`: a background left bit-identical has PSNR = inf; the official script's mean would be "
+        "inf, so a published finite PSNR had none: compare only rows with inf = 0). `recon *` columns score the "
+        "reconstruction (source prompt) against the source image.",
         "",
-        _markdown(overall, ["run", "solver", "smoothing"]),
+        _markdown(overall, ["run", "solver", "spacing", "smoothing"], columns),
         "",
         "## Per edit type",
         "",
-        _markdown(by_type, ["run", "type", "edit"]),
+        _markdown(by_type, ["run", "type", "edit"], columns),
         "",
     ]
     if plots:
