@@ -91,7 +91,8 @@ def test_grid_rule():
         (["--solvers", "nosuch"], "unknown solver 'nosuch'"),
         (["--solvers", ","], "no solver names"),
         (["--guidance", "nan"], "guidance must be a finite number"),
-        (["--grid", "cubic"], "invalid choice"),
+        (["--spacing", "cubic"], "invalid choice"),
+        (["--grid", "cubic"], "invalid choice"),  # the old name of --spacing
     ],
 )
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, args, message):

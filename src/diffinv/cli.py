@@ -15,6 +15,19 @@ __all__ = ["CommandError", "UsageError", "main"]
 
 COMMANDS = ("solvers", "demo", "edit", "bench", "report", "weights", "app")
 
+# The extra (pyproject's optional dependencies) that installs each optional top-level package.
+EXTRAS = {
+    "diffusers": "diffusers",
+    "transformers": "diffusers",
+    "accelerate": "diffusers",
+    "safetensors": "diffusers",
+    "torchmetrics": "bench",
+    "skimage": "bench",
+    "gradio": "app",
+    "gradio_client": "app",
+    "sklearn": "train",
+}
+
 
 class UsageError(ValueError):
     """Bad input from the user: exit status 2."""
@@ -43,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not built yet
             raise
         module.add_parser(sub)
+    for command in sub.choices.values():  # `diffinv edit ... --debug` as well as `diffinv --debug edit ...`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
@@ -72,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if args.debug:
             raise
+        package = (getattr(err, "name", None) or "").split(".")[0] if isinstance(err, ModuleNotFoundError) else ""
+        if package in EXTRAS:
+            print(f"error: {args.command} needs {package}: pip install 'diffinv[{EXTRAS[package]}]'", file=sys.stderr)
+            return 1
         usage = isinstance(err, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError))
         usage = usage and not isinstance(err, CommandError)
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

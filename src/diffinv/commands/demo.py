@@ -13,6 +13,14 @@ import torch
 from ..demo import DIGITS_REFERENCE_STEPS, GRIDS, MODELS, DemoConfig, format_table, run_demo, write_outputs
 
 
+class _Renamed(argparse.Action):
+    """A renamed option that still works and says its new name."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        print(f"note: {option_string} is now --spacing", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
@@ -39,12 +47,15 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--solvers", default=None, help="comma-separated solver names (default: all registered)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the source images (default: %(default)s)")
     p.add_argument(
-        "--grid",
+        "--spacing",
+        dest="grid",
         choices=GRIDS,
         default=defaults.grid,
         help="time grid: auto = time-uniform for exact solvers, ddim and dpmpp_2m, lambda-uniform for RK "
         "(default: %(default)s)",
     )
+    # The old name, hidden: `diffinv edit --grid` is a picture, so the demo's grid spacing is --spacing now.
+    p.add_argument("--grid", dest="grid", choices=GRIDS, action=_Renamed, help=argparse.SUPPRESS)
     p.add_argument(
         "--npi", action="store_true", help="negative-prompt inversion: the source prompt as unconditional branch"
     )
