@@ -301,3 +301,44 @@ def test_every_preset_run_is_a_valid_configuration():
     assert RunConfig(model="m", solver="ddim", spacing="lambda").spacing == "lambda"  # an explicit spacing wins
     with pytest.raises(ValueError, match="unknown spacing"):
         RunConfig(model="m", spacing="log")
+
+
+def test_a_flag_the_preset_also_sets_is_an_error_naming_both(data, tmp_path, capsys, monkeypatch):
+    import diffinv.bench
+
+    monkeypatch.setattr(diffinv.bench, "run_bench", lambda *a, **k: pytest.fail("a run started"))
+    base = ["bench", "--data", str(data), "--model", "m", "--out", str(tmp_path)]
+    for flags, message in [
+        (["--preset", "standard", "--solver", "ees27"], "--solver conflicts with --preset standard"),
+        (["--preset", "guidance", "--guidance", "3"], "--guidance conflicts with --preset guidance"),
+        (
+            ["--preset", "bdia-gamma", "--solver-option", "gamma=1"],
+            "--solver-option conflicts with --preset bdia-gamma",
+        ),
+        (["--solver", "ddim", "--keep-going"], "--keep-going needs --preset"),
+    ]:
+        assert main(base + flags) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_keep_going_runs_every_run_and_lists_the_failures(data, tmp_path, capsys, monkeypatch):
+    import diffinv.bench
+
+    started = []
+
+    def fake_run(config, data, out, **kwargs):
+        started.append(out.name)
+        if out.name == "bdia":
+            raise RuntimeError("out of memory")
+        return out / "metrics.csv"
+
+    monkeypatch.setattr(diffinv.bench, "run_bench", fake_run)
+    argv = ["bench", "--data", str(data), "--model", "m", "--out", str(tmp_path), "--preset", "standard"]
+    assert main([*argv, "--keep-going"]) == 1
+    assert started == list(diffinv.bench.PRESETS["standard"].runs)  # every run, the failed one in the middle
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: run bdia failed: out of memory", "error: 1 of 7 runs failed: bdia"]
+    started.clear()
+    assert main(argv) == 1  # without --keep-going the first failure stops the preset
+    assert started == ["ddim", "edict", "bdia"]

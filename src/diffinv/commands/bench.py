@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli import UsageError
+from ..cli import CommandError, UsageError
 from . import add_weights_argument, parse_key_values
 
 
@@ -20,20 +21,19 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--data", type=Path, help="PIE-Bench folder (mapping_file.json + annotation_images/)")
     p.add_argument("--model", help="diffusers model: hub id or local folder")
-    p.add_argument("--solver", default="ees27", help="solver name (diffinv list-solvers; default ees27)")
-    p.add_argument("--solver-option", action="append", default=[], metavar="K=V", help="solver option, e.g. gamma=0.96")
+    p.add_argument("--solver", help="solver name (diffinv list-solvers; default ees27)")
+    p.add_argument("--solver-option", action="append", metavar="K=V", help="solver option, e.g. gamma=0.96")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument(
         "--spacing",
-        default="auto",
         help="grid spacing: auto (default: each solver's reference grid, recorded resolved in config.json), "
         "lambda, time or sigma",
     )
     p.add_argument("--guidance", type=float, help="editing CFG scale (default: the editor's)")
     p.add_argument("--inversion-guidance", type=float, help="CFG scale while inverting (default: the editor's)")
-    p.add_argument("--smoothing", nargs="*", default=[], help="smoothing strategies: npi, proximal, smooth-lora")
+    p.add_argument("--smoothing", nargs="*", help="smoothing strategies: npi, proximal, smooth-lora (default: none)")
     p.add_argument("--editor-option", action="append", default=[], metavar="K=V", help="other Editor option")
-    p.add_argument("--prompts", default="standard", help="prompt rule: standard, large-deviation, greyscale")
+    p.add_argument("--prompts", help="prompt rule: standard (default), large-deviation, greyscale")
     p.add_argument("--dtype", default="auto", help="model dtype: auto, fp16, bf16, fp32, fp64")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", help="device (default: Accelerate's, i.e. this process's GPU, else CPU)")
@@ -49,6 +49,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--preset", help="run a paper experiment (several runs, one folder each under --out)")
     p.add_argument("--only", help="with --preset: only these runs (comma-separated names)")
     p.add_argument("--list-presets", action="store_true", help="print the presets and their runs, then exit")
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="with --preset: run every selected run even if one fails; exit 1 at the end listing the failures",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", type=Path, help="run folder (with --preset: the folder holding one folder per run)")
     p.set_defaults(func=run)
@@ -75,22 +80,20 @@ def run(args: argparse.Namespace) -> int:
         types_int = None if types is None else [int(t) for t in types]
     except ValueError:
         raise UsageError(f"--types must be integers 0-9, got {args.types!r}") from None
+    given = {key: getattr(args, flag) for key, flag in PRESET_KEYS.items()}
     base = {
         "model": args.model,
-        "solver": args.solver,
-        "solver_options": parse_key_values(args.solver_option, "--solver-option"),
-        "steps": args.steps,
-        "spacing": args.spacing,
-        "guidance": args.guidance,
+        **{key: RUN_DEFAULTS[key] if value is None else value for key, value in given.items()},
         "inversion_guidance": args.inversion_guidance,
-        "smoothing": args.smoothing,
         "editor_options": parse_key_values(args.editor_option, "--editor-option"),
         "dtype": args.dtype,
         "seed": args.seed,
-        "prompts": args.prompts,
         "metrics": args.metrics,
     }
+    base["solver_options"] = parse_key_values(base["solver_options"], "--solver-option")
     if args.preset is None:
+        if args.keep_going:
+            raise UsageError("--keep-going needs --preset (it keeps going past a failed run)")
         runs = [(args.out, base)]
     else:
         preset = get_preset(args.preset)
@@ -98,18 +101,57 @@ def run(args: argparse.Namespace) -> int:
         unknown = sorted(set(only or []) - set(preset.runs))
         if unknown:
             raise UsageError(f"preset {preset.name} has no run {', '.join(unknown)}; see --list-presets")
+        _check_conflicts(preset, given)
         runs = [(args.out / name, {**base, **o}) for name, o in preset.runs.items() if only is None or name in only]
+    failures = []
     for out, settings in runs:
-        table = run_bench(
-            RunConfig(**settings),
-            args.data,
-            out,
-            types=types_int,
-            ids=_csv_list(args.ids),
-            limit=args.limit,
-            device=args.device,
-            progress=not args.no_progress,
-            weights=args.weights,
-        )
+        try:
+            table = run_bench(
+                RunConfig(**settings),
+                args.data,
+                out,
+                types=types_int,
+                ids=_csv_list(args.ids),
+                limit=args.limit,
+                device=args.device,
+                progress=not args.no_progress,
+                weights=args.weights,
+            )
+        except Exception as err:
+            if not args.keep_going:
+                raise
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"error: run {out.name} failed: {message}", file=sys.stderr)
+            failures.append(out.name)
+            continue
         print(table)
+    if failures:
+        raise CommandError(f"{len(failures)} of {len(runs)} runs failed: {', '.join(failures)}")
     return 0
+
+
+# The flags a preset's runs may also set (RunConfig key -> argparse dest), and their defaults without a preset.
+PRESET_KEYS = {
+    "solver": "solver",
+    "solver_options": "solver_option",
+    "spacing": "spacing",
+    "guidance": "guidance",
+    "smoothing": "smoothing",
+    "prompts": "prompts",
+}
+RUN_DEFAULTS = {
+    "solver": "ees27",
+    "solver_options": [],
+    "spacing": "auto",
+    "guidance": None,
+    "smoothing": [],
+    "prompts": "standard",
+}
+
+
+def _check_conflicts(preset: Any, given: dict[str, Any]) -> None:
+    """A flag given on the command line that the preset also sets for some run is an error naming both."""
+    for key, value in given.items():
+        if value is not None and any(key in overrides for overrides in preset.runs.values()):
+            flag = "--" + PRESET_KEYS[key].replace("_", "-")
+            raise UsageError(f"{flag} conflicts with --preset {preset.name}, which sets {key} per run; drop one")
