@@ -342,3 +342,24 @@ def test_keep_going_runs_every_run_and_lists_the_failures(data, tmp_path, capsys
     started.clear()
     assert main(argv) == 1  # without --keep-going the first failure stops the preset
     assert started == ["ddim", "edict", "bdia"]
+
+
+def test_dry_run_prints_runs_images_and_model_calls_without_loading(data, tmp_path, capsys, monkeypatch):
+    import diffinv
+    import diffinv.bench
+
+    monkeypatch.setattr(diffinv.bench, "run_bench", lambda *a, **k: pytest.fail("a run started"))
+    monkeypatch.setattr(diffinv.Editor, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    argv = ["bench", "--data", str(data), "--model", "m", "--out", str(tmp_path), "--preset", "standard", "--dry-run"]
+    assert main([*argv, "--steps", "10", "--limit", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    nfe = sum(diffinv.get_solver(s).nfe_per_step for s in diffinv.bench.PRESETS["standard"].runs)
+    assert (
+        len(lines) == 8
+        and lines[-1] == f"total: 7 runs, {4 * 3 * 10 * nfe} model calls (each a batch of 2 under guidance)"
+    )
+    ddim = next(line for line in lines if line.startswith(str(tmp_path / "ddim")))
+    assert "10 steps on the time grid, 4 of 4 images to do, 120 model calls" in ddim  # 4 x (invert+edit+recon) x 10
+    ees = next(line for line in lines if line.startswith(str(tmp_path / "ees27")))
+    assert diffinv.get_solver("ees27").nfe_per_step == 4
+    assert "on the lambda grid" in ees and "480 model calls" in ees  # EES(2,7): 4 calls per step

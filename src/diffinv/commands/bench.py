@@ -50,6 +50,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--only", help="with --preset: only these runs (comma-separated names)")
     p.add_argument("--list-presets", action="store_true", help="print the presets and their runs, then exit")
     p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each run, its images and its model calls, then exit without loading anything",
+    )
+    p.add_argument(
         "--keep-going",
         action="store_true",
         help="with --preset: run every selected run even if one fails; exit 1 at the end listing the failures",
@@ -84,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     base = {
         "model": args.model,
         **{key: RUN_DEFAULTS[key] if value is None else value for key, value in given.items()},
+        "steps": args.steps,
         "inversion_guidance": args.inversion_guidance,
         "editor_options": parse_key_values(args.editor_option, "--editor-option"),
         "dtype": args.dtype,
@@ -103,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"preset {preset.name} has no run {', '.join(unknown)}; see --list-presets")
         _check_conflicts(preset, given)
         runs = [(args.out / name, {**base, **o}) for name, o in preset.runs.items() if only is None or name in only]
+    if args.dry_run:
+        return _dry_run(runs, args, types_int)
     failures = []
     for out, settings in runs:
         try:
@@ -127,6 +135,29 @@ def run(args: argparse.Namespace) -> int:
         print(table)
     if failures:
         raise CommandError(f"{len(failures)} of {len(runs)} runs failed: {', '.join(failures)}")
+    return 0
+
+
+def _dry_run(runs: list[tuple[Path, dict[str, Any]]], args: argparse.Namespace, types: list[int] | None) -> int:
+    """Each run's images still to do and its denoiser calls (invert + edit + reconstruct), before any loading."""
+    from ..bench import PieBench, RunConfig
+    from ..solvers import get_solver
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be a positive integer, got {args.limit}")
+    records = list(PieBench(args.data, types=types, ids=_csv_list(args.ids)))[: args.limit]
+    total = 0
+    for out, settings in runs:
+        config = RunConfig(**settings)
+        nfe = get_solver(config.solver, **config.solver_options).nfe_per_step
+        todo = [r for r in records if not (out / "records" / f"{r.id}.json").is_file()]
+        calls = len(todo) * 3 * nfe * config.steps
+        total += calls
+        print(
+            f"{out}: {config.solver} {json.dumps(config.solver_options, sort_keys=True)}, {config.steps} steps on "
+            f"the {config.spacing} grid, {len(todo)} of {len(records)} images to do, {calls} model calls"
+        )
+    print(f"total: {len(runs)} runs, {total} model calls (each a batch of 2 under guidance)")
     return 0
 
 
