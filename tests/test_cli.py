@@ -52,3 +52,16 @@ def test_demo_spacing_has_its_own_name_and_the_old_one_still_works(capsys):
     assert parser.parse_args(["demo", "--grid", "time"]).grid == "time"
     assert capsys.readouterr().err == "note: --grid is now --spacing\n"
     assert "--spacing" in parser._subparsers._group_actions[0].choices["demo"].format_help()
+
+
+def test_bench_help_explains_every_option():
+    parser = cli.build_parser()._subparsers._group_actions[0].choices["bench"]
+    silent = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert silent == []
+    store = [a for a in parser._actions if a.option_strings and a.nargs != 0 and a.dest != "help"]
+    undocumented = [
+        a.option_strings[0]
+        for a in store
+        if "default" not in a.help and a.dest not in ("data", "model", "out", "preset", "only")
+    ]
+    assert undocumented == []

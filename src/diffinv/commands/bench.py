@@ -22,8 +22,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data", type=Path, help="PIE-Bench folder (mapping_file.json + annotation_images/)")
     p.add_argument("--model", help="diffusers model: hub id or local folder")
     p.add_argument("--solver", help="solver name (diffinv list-solvers; default ees27)")
-    p.add_argument("--solver-option", action="append", metavar="K=V", help="solver option, e.g. gamma=0.96")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument(
+        "--solver-option",
+        action="append",
+        metavar="K=V",
+        help="solver option, repeatable, e.g. gamma=0.96 (default: the solver's own)",
+    )
+    p.add_argument("--steps", type=int, default=50, help="solver steps (default: %(default)s)")
     p.add_argument(
         "--spacing",
         help="grid spacing: auto (default: each solver's reference grid, recorded resolved in config.json), "
@@ -32,18 +37,28 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--guidance", type=float, help="editing CFG scale (default: the editor's)")
     p.add_argument("--inversion-guidance", type=float, help="CFG scale while inverting (default: the editor's)")
     p.add_argument("--smoothing", nargs="*", help="smoothing strategies: npi, proximal, smooth-lora (default: none)")
-    p.add_argument("--editor-option", action="append", default=[], metavar="K=V", help="other Editor option")
+    p.add_argument(
+        "--editor-option",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="other Editor option, e.g. size=[512,512] (default: none)",
+    )
     p.add_argument("--prompts", help="prompt rule: standard (default), large-deviation, greyscale")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto, fp16, bf16, fp32, fp64")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument(
+        "--dtype", default="auto", help="model dtype: auto (default: fp16 on CUDA, else fp32), fp16, bf16, fp32, fp64"
+    )
+    p.add_argument(
+        "--seed", type=int, default=1234, help="per-image seed, as the official scripts (default: %(default)s)"
+    )
     p.add_argument("--device", help="device (default: Accelerate's, i.e. this process's GPU, else CPU)")
     p.add_argument("--types", help="edit types to run, e.g. 0,1,2 (default: all)")
-    p.add_argument("--ids", help="image ids to run, comma-separated")
-    p.add_argument("--limit", type=int, help="only the first N selected images (id order)")
+    p.add_argument("--ids", help="image ids to run, comma-separated (default: all)")
+    p.add_argument("--limit", type=int, help="only the first N selected images (id order; default: all)")
     p.add_argument(
         "--metrics",
         default="all",
-        help="comma-separated subset of structure_distance,psnr,lpips,mse,ssim,clip_whole,clip_edited",
+        help="comma-separated subset of structure_distance,psnr,lpips,mse,ssim,clip_whole,clip_edited (default: all)",
     )
     add_weights_argument(p)
     p.add_argument("--preset", help="run a paper experiment (several runs, one folder each under --out)")
@@ -59,7 +74,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="with --preset: run every selected run even if one fails; exit 1 at the end listing the failures",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: one bar per run)")
     p.add_argument("--out", type=Path, help="run folder (with --preset: the folder holding one folder per run)")
     p.set_defaults(func=run)
 
