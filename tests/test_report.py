@@ -136,3 +136,33 @@ def test_same_named_runs_are_labelled_by_their_shortest_unique_suffix(runs, tmp_
     assert main(["report", *map(str, paths), "--out", str(out), "--no-plots"]) == 0
     with open(out / "summary.csv", newline="") as f:
         assert [r["run"] for r in csv.DictReader(f)] == ["sd15/ees27", "sdxl/ees27", "bdia"]
+
+
+def test_a_figure_without_data_is_not_written_and_the_report_says_why(runs, tmp_path):
+    root, _ = runs
+    out = tmp_path / "one"
+    assert main(["report", str(root / "sweep" / "ees27"), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert not (out / "fig7_smoothing.png").exists() and not (out / "guidance.png").exists()
+    assert "fig7_smoothing.png not written: no pair of runs differing only in smoothing" in md
+    assert "guidance.png not written" in md and "(fig7_smoothing.png)" not in md
+    assert (out / "fig4_clip_vs_lpips.png").exists() and (out / "grid.png").exists()
+
+
+def test_arrow_and_label_plots_keep_every_point_inside_the_axes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffinv.bench.report import _fit
+
+    fig, ax = plt.subplots()
+    ax.annotate("", xy=(100.0, 50.0), xytext=(1.0, 2.0), arrowprops={"arrowstyle": "->"})  # autoscale ignores it
+    xs, ys = [1.0, 100.0, 3.0], [2.0, 50.0, 2.0]
+    _fit(ax, xs, ys)
+    (x_lo, x_hi), (y_lo, y_hi) = ax.get_xlim(), ax.get_ylim()
+    assert all(x_lo < x < x_hi for x in xs) and all(y_lo < y < y_hi for y in ys)
+    _fit(ax, [5.0], [7.0])  # one point: a window around it, not a zero-width axis
+    assert ax.get_xlim()[0] < 5.0 < ax.get_xlim()[1] and ax.get_ylim()[0] < 7.0 < ax.get_ylim()[1]
+    plt.close(fig)

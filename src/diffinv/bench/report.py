@@ -225,8 +225,8 @@ def write_report(
         "",
     ]
     if plots:
-        figures = _plots(runs, overall, out, ids)
-        md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
+        figures, skipped = _plots(runs, overall, out, ids)
+        md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""] + skipped + [""] * bool(skipped)
         written += figures
     written[2].write_text("\n".join(md), encoding="utf-8")
     return written
@@ -274,47 +274,77 @@ def guidance_groups(runs: Sequence[Run]) -> list[list[Run]]:
     ]
 
 
-def _plots(runs: Sequence[Run], overall: list[dict[str, Any]], out: Path, ids: Sequence[str] | None) -> list[Path]:
+def _fit(ax: Any, xs: Sequence[float], ys: Sequence[float], pad: float = 0.15) -> None:
+    """Axis limits holding every point (arrow ends and labelled points included, which autoscaling misses)."""
+    for values, set_lim in ((xs, ax.set_xlim), (ys, ax.set_ylim)):
+        low, high = min(values), max(values)
+        span = (high - low) or max(abs(high), 1.0) * 0.1
+        set_lim(low - pad * span, high + pad * span)
+
+
+def _plots(
+    runs: Sequence[Run], overall: list[dict[str, Any]], out: Path, ids: Sequence[str] | None
+) -> tuple[list[Path], list[str]]:
+    """The figures that have data, and one line for each that was not written saying why."""
     plt = _pyplot()
     stats = {row["run"]: row for row in overall}
-    figures = []
+    figures, skipped = [], []
+
+    def point(run: Run) -> tuple[float, float]:
+        return stats[run.name]["lpips"], stats[run.name]["clip_edited"]
 
     # Fig. 4: prompt alignment (CLIP edited) vs background preservation (LPIPS), one point per run.
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in runs:
-        x, y = stats[r.name]["lpips"], stats[r.name]["clip_edited"]
-        if math.isfinite(x) and math.isfinite(y):
+    placed = [(r, *point(r)) for r in runs if all(math.isfinite(v) for v in point(r))]
+    if placed:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for r, x, y in placed:
             ax.scatter(x, y)
             ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set(xlabel=HEADERS["lpips"], ylabel=HEADERS["clip_edited"], title="Prompt alignment vs background preservation")
-    figures.append(_save(fig, out / "fig4_clip_vs_lpips.png", plt))
+        _fit(ax, [x for _, x, _ in placed], [y for _, _, y in placed])
+        ax.set(
+            xlabel=HEADERS["lpips"], ylabel=HEADERS["clip_edited"], title="Prompt alignment vs background preservation"
+        )
+        figures.append(_save(fig, out / "fig4_clip_vs_lpips.png", plt))
+    else:
+        skipped.append("fig4_clip_vs_lpips.png not written: no run has both a finite LPIPS and CLIP edited mean.")
 
     # Fig. 7: arrows from a run without smoothing to the same run with each smoothing strategy.
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for start, r in smoothing_pairs(runs):
-        x0, y0 = stats[start.name]["lpips"], stats[start.name]["clip_edited"]
-        x1, y1 = stats[r.name]["lpips"], stats[r.name]["clip_edited"]
-        if all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+    arrows = [(a, r) for a, r in smoothing_pairs(runs) if all(math.isfinite(v) for v in (*point(a), *point(r)))]
+    if arrows:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for start, r in arrows:
+            (x0, y0), (x1, y1) = point(start), point(r)
             ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops={"arrowstyle": "->"})
             ax.scatter([x0], [y0], color="grey")
+            ax.scatter([x1], [y1], color="black", s=8)
             ax.annotate(f"{start.name} → {'+'.join(r.config['smoothing'])}", (x1, y1), fontsize=8)
-    ax.set(xlabel=HEADERS["lpips"], ylabel=HEADERS["clip_edited"], title="Effect of smoothing")
-    figures.append(_save(fig, out / "fig7_smoothing.png", plt))
+        ends = [p for a, r in arrows for p in (point(a), point(r))]
+        _fit(ax, [x for x, _ in ends], [y for _, y in ends])
+        ax.set(xlabel=HEADERS["lpips"], ylabel=HEADERS["clip_edited"], title="Effect of smoothing")
+        figures.append(_save(fig, out / "fig7_smoothing.png", plt))
+    else:
+        skipped.append(
+            "fig7_smoothing.png not written: no pair of runs differing only in smoothing (with finite LPIPS and CLIP)."
+        )
 
     # Metric vs guidance scale, one line per group of runs that differ only in guidance.
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3))
-    for group in guidance_groups(runs):
-        label = group[0].config.get("solver")
+    groups = guidance_groups(runs)
+    if groups:
+        fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3))
+        for group in groups:
+            label = group[0].config.get("solver")
+            for ax, m in zip(axes, METRICS):
+                xs = [r.config["guidance"] for r in group]
+                ax.plot(xs, [stats[r.name][m] for r in group], marker="o", label=label)
         for ax, m in zip(axes, METRICS):
-            ax.plot([r.config["guidance"] for r in group], [stats[r.name][m] for r in group], marker="o", label=label)
-    for ax, m in zip(axes, METRICS):
-        ax.set(xlabel="guidance scale", title=HEADERS[m])
-    if any(ax.lines for ax in axes):
+            ax.set(xlabel="guidance scale", title=HEADERS[m])
         axes[0].legend(fontsize=7)
-    figures.append(_save(fig, out / "guidance.png", plt))
+        figures.append(_save(fig, out / "guidance.png", plt))
+    else:
+        skipped.append("guidance.png not written: no group of runs differing only in guidance (two scales or more).")
 
     figures.append(_grid(runs, out / "grid.png", ids, plt))
-    return figures
+    return figures, skipped
 
 
 def _grid(runs: Sequence[Run], path: Path, ids: Sequence[str] | None, plt) -> Path:
