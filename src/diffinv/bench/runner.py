@@ -258,8 +258,9 @@ def _claim_config(run_dir: Path, config: RunConfig, data: Path) -> None:
     diff = [k for k in wanted if stored.get(k) != wanted[k]]
     if diff:
         what = "; ".join(f"{k}: run has {stored.get(k)!r}, asked {wanted[k]!r}" for k in diff)
-        hint = f" (to continue it, pass --spacing {stored['spacing']})" if "spacing" in diff else ""
-        raise ValueError(f"run folder {run_dir} holds a different configuration ({what}){hint}; use another --out")
+        if "spacing" in diff:
+            what += f"; to continue this run pass --spacing {stored['spacing']} (the default, auto, may differ)"
+        raise ValueError(f"run folder {run_dir} holds a different configuration ({what}); use another --out")
     _remove_leftovers(path)  # safe once the file exists: a claim that loses its file to this finds the winner's
 
 

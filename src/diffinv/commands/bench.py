@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import UsageError
+from ..solvers import SPACING_CHOICES
 from . import add_weights_argument, parse_key_values
 
 
@@ -23,7 +24,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--solver", default="ees27", help="solver name (diffinv list-solvers; default ees27)")
     p.add_argument("--solver-option", action="append", default=[], metavar="K=V", help="solver option, e.g. gamma=0.96")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--spacing", default="lambda", help="grid spacing: lambda, time or sigma")
+    p.add_argument(
+        "--spacing",
+        choices=SPACING_CHOICES,
+        default="auto",
+        help="grid spacing (default auto: each solver on its reference grid, time for DDIM and the exactly "
+        "reversible solvers, lambda for Runge-Kutta/EES; config.json records the one used)",
+    )
     p.add_argument("--guidance", type=float, help="editing CFG scale (default: the editor's)")
     p.add_argument("--inversion-guidance", type=float, help="CFG scale while inverting (default: the editor's)")
     p.add_argument("--smoothing", nargs="*", default=[], help="smoothing strategies: npi, proximal, smooth-lora")
@@ -38,7 +45,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--metrics",
         default="all",
-        help="comma-separated subset of structure_distance,psnr,lpips,mse,ssim,clip_whole,clip_edited",
+        help="comma-separated subset of structure_distance,psnr,lpips,mse,ssim,clip_whole,clip_edited (default "
+        "all); not part of a run's identity: rerun with more to score the done images without editing them again",
+    )
+    p.add_argument(
+        "--no-reconstruct",
+        action="store_true",
+        help="skip the reconstruction (a third of the solver cost) and its recon_* columns",
     )
     add_weights_argument(p)
     p.add_argument("--preset", help="run a paper experiment (several runs, one folder each under --out)")
@@ -84,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "prompts": args.prompts,
         "metrics": args.metrics,
+        "reconstruct": not args.no_reconstruct,
     }
     if args.preset is None:
         runs = [(args.out, base)]
