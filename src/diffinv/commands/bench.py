@@ -26,9 +26,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument(
         "--spacing",
-        choices=SPACING_CHOICES,
         default="auto",
-        help="grid spacing (default auto: each solver on its reference grid, time for DDIM and the exactly "
+        help=f"grid spacing: {', '.join(SPACING_CHOICES)} (default auto: each solver on its reference grid, time for DDIM and the exactly "
         "reversible solvers, lambda for Runge-Kutta/EES; config.json records the one used)",
     )
     p.add_argument("--guidance", type=float, help="editing CFG scale (default: the editor's)")
