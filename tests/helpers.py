@@ -9,6 +9,7 @@ import os
 import numpy as np
 import torch
 from hypothesis import settings
+from PIL import Image
 from scipy.integrate import solve_ivp
 
 from diffinv.analytic import GaussianMixture
@@ -87,3 +88,26 @@ def fuzz(max_examples: int, **options) -> settings:
     under ``HYPOTHESIS_PROFILE=explore`` (tests/conftest.py); no deadline (the machine is shared)."""
     explore = settings.get_current_profile_name() == "explore"
     return settings(max_examples=max_examples * (10 if explore else 1), deadline=None, **options)
+
+
+class FakeInversion:
+    """What the stand-in editors' ``invert`` returns: the image's pixels (int64) and, as the runner reads it,
+    ``source``, the "encoded source latent" (pixels / 255)."""
+
+    def __init__(self, pixels: np.ndarray):
+        self.pixels = pixels
+
+    @property
+    def source(self) -> torch.Tensor:
+        return torch.from_numpy(self.pixels / 255)
+
+
+class FakeRoundTrip:
+    """The stand-in editors' reconstruction: latent (pixels + 1) / 255, so its latent RMSE is exactly 1/255."""
+
+    def reconstruct(self, inv: FakeInversion, output_type: str = "pil"):
+        latent = torch.from_numpy((inv.pixels + 1) / 255)
+        return latent if output_type == "latent" else self.decode_latents(latent)
+
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        return [Image.fromarray(np.clip(np.rint(latents.numpy() * 255), 0, 255).astype(np.uint8))]

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from helpers import in_ci
+from helpers import FakeInversion, FakeRoundTrip, in_ci
 from PIL import Image
 from test_piebench import make_dataset
 
@@ -30,7 +30,7 @@ from diffinv.cli import main
 HERE = Path(__file__).parent
 
 
-class FakeEditor:
+class FakeEditor(FakeRoundTrip):
     """Deterministic stand-in for ``diffinv.Editor``: the edit brightens a box by an amount set by the
     target prompt and solver; ``bdia`` diverges on the astronaut; ``crash_after`` simulates a crash."""
 
@@ -51,18 +51,15 @@ class FakeEditor:
         time.sleep(self.delay)
         if self.config.solver == "bdia" and "space suit" in prompt:
             raise SolverDivergence("bdia", 7, 421.0, float("inf"))
-        return np.asarray(image).astype(np.int64)
+        return FakeInversion(np.asarray(image).astype(np.int64))
 
     def edit(self, inv, targets):
         c = self.config
         key = f"{targets[0]}|{c.solver}|{json.dumps(c.solver_options, sort_keys=True)}|{c.smoothing}|{c.guidance}"
         shift = zlib.crc32(key.encode()) % 60 - 30
-        out = inv.copy()
+        out = inv.pixels.copy()
         out[10:40, 10:40] += shift
         return [Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))]
-
-    def reconstruct(self, inv):
-        return [Image.fromarray(np.clip(inv + 1, 0, 255).astype(np.uint8))]
 
 
 def cheap_metrics(source, edited, mask, prompt):

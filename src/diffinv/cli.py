@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 __all__ = ["CommandError", "UsageError", "main"]
 
-COMMANDS = ("solvers", "demo", "edit", "bench", "report", "weights", "app")
+COMMANDS = ("solvers", "demo", "edit", "bench", "score", "report", "weights", "app")
 
 # The extra (pyproject's optional dependencies) that installs each optional top-level package.
 EXTRAS = {

@@ -17,6 +17,8 @@ The definitions and their quirks follow ``cure-lab/PnPInversion`` ``evaluation/m
   image, and of the edited image with its background zeroed, against the target prompt:
   ``100 * max(cos, 0)``.
 
+* ``recon_psnr``, ``recon_mse``, ``recon_ssim``, ``recon_lpips``: the reconstruction against the source with
+  the same four definitions over the whole image (nothing zeroed): :func:`reconstruction_metrics`.
 * The edit is compared at the source's size (:func:`align_edit`: the official bottom-right 512x512 crop of a
   non-square output, else the same size or refused); prompts lose their ``[ ]`` markers
   (:func:`diffinv.bench.piebench.strip_markers`); totals are over all 700 images and over the 620 without the
@@ -53,6 +55,7 @@ from .weights import (
 __all__ = [
     "BACKGROUND_METRICS",
     "METRICS",
+    "RECON_METRICS",
     "ClipScorer",
     "DinoStructure",
     "MetricSuite",
@@ -68,6 +71,7 @@ __all__ = [
     "clip_whole",
     "official_totals",
     "parse_metrics",
+    "reconstruction_metrics",
     "ssim_official",
     "structure_distance",
     "summarize",
@@ -75,6 +79,8 @@ __all__ = [
 
 METRICS = ("structure_distance", "psnr", "lpips", "mse", "ssim", "clip_whole", "clip_edited")
 BACKGROUND_METRICS = ("psnr", "lpips", "mse", "ssim")
+# The reconstruction (invert, then regenerate with the source prompt) against the source, whole image.
+RECON_METRICS = ("recon_psnr", "recon_mse", "recon_ssim", "recon_lpips")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -200,6 +206,24 @@ def background_lpips(source: Any, edited: Any, mask: np.ndarray, net: Callable[[
         return math.nan
     device = _device_of(net)
     return float(net(pair[0].to(device) * 2 - 1, pair[1].to(device) * 2 - 1).mean())
+
+
+def reconstruction_metrics(
+    source: Any, recon: Any, lpips: Callable[[Tensor, Tensor], Tensor] | None = None
+) -> dict[str, float]:
+    """``recon_psnr``, ``recon_mse``, ``recon_ssim`` (and ``recon_lpips`` when ``lpips`` is given) of a
+    reconstruction against its source over the whole image, with the background metrics' official definitions
+    (an empty mask: nothing is zeroed). PSNR is ``inf`` for a bit-identical reconstruction."""
+    whole = np.zeros(as_uint8(source).shape[:2], dtype=bool)
+    out = {
+        "recon_psnr": background_psnr(source, recon, whole),
+        "recon_mse": background_mse(source, recon, whole),
+        "recon_ssim": background_ssim(source, recon, whole),
+    }
+    if lpips is not None:
+        with torch.inference_mode():
+            out["recon_lpips"] = background_lpips(source, recon, whole, lpips)
+    return out
 
 
 class _Fire(nn.Module):

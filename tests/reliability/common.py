@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from helpers import FakeInversion, FakeRoundTrip
 from PIL import Image
 
 from diffinv import SolverDivergence
 from diffinv.cli import main
 
 
-class FakeEditor:
+class FakeEditor(FakeRoundTrip):
     """A deterministic editor: the edit shifts a box by an amount set by the target prompt; ``diverge_on``
     (a word of the source prompt) raises :class:`SolverDivergence`; ``delay`` seconds per image; ``log``:
     a file that gets one line per inverted prompt (appended atomically, so concurrent processes can share it)."""
@@ -29,7 +30,7 @@ class FakeEditor:
     def __init__(self, config: Any, device: Any, delay: float = 0.0, log: Path | None = None, diverge_on: str = ""):
         self.config, self.delay, self.log, self.diverge_on = config, delay, log, diverge_on
 
-    def invert(self, image: Image.Image, prompt: str) -> np.ndarray:
+    def invert(self, image: Image.Image, prompt: str) -> FakeInversion:
         if self.log is not None:
             fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             os.write(fd, f"{os.getpid()} {prompt}\n".encode())
@@ -37,16 +38,13 @@ class FakeEditor:
         time.sleep(self.delay)
         if self.diverge_on and self.diverge_on in prompt:
             raise SolverDivergence(self.config.solver, 3, 421.0, float("inf"))
-        return np.asarray(image).astype(np.int64)
+        return FakeInversion(np.asarray(image).astype(np.int64))
 
-    def edit(self, inv: np.ndarray, targets: list[str]) -> list[Image.Image]:
+    def edit(self, inv: FakeInversion, targets: list[str]) -> list[Image.Image]:
         shift = zlib.crc32(f"{targets[0]}|{self.config.solver}".encode()) % 60 - 30
-        out = inv.copy()
+        out = inv.pixels.copy()
         out[10:40, 10:40] += shift
         return [Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))]
-
-    def reconstruct(self, inv: np.ndarray) -> list[Image.Image]:
-        return [Image.fromarray(np.clip(inv + 1, 0, 255).astype(np.uint8))]
 
 
 def fake_factory(**kwargs: Any):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from .piebench import EDIT_TYPES, PieBench, PieRecord, decode_mask, encode_mask, strip_markers, write_piebench
 from .presets import PRESETS, PROMPT_RULES, Preset, get_preset, prompt_pairs
-from .runner import COLUMNS, RunConfig, load_editor, read_records, run_bench, write_table
+from .runner import COLUMNS, RECON_COLUMNS, RunConfig, load_editor, read_records, run_bench, score_run, write_table
 
 __all__ = [
     "COLUMNS",
     "EDIT_TYPES",
     "PRESETS",
     "PROMPT_RULES",
+    "RECON_COLUMNS",
     "PieBench",
     "PieRecord",
     "Preset",
@@ -22,6 +23,7 @@ __all__ = [
     "prompt_pairs",
     "read_records",
     "run_bench",
+    "score_run",
     "strip_markers",
     "write_piebench",
     "write_table",

@@ -2,9 +2,11 @@
 
 A run folder holds::
 
-    config.json          the run's configuration (a resumed run must match it)
+    config.json          the run's configuration (a resumed run must match it, except its metrics), the data
+                         set's path, the package versions and the model's revision (informational)
     edited/<id>.png      the edit, as the editor produced it
-    recon/<id>.png       the reconstruction (invert, then generate with the source prompt)
+    recon/<id>.png       the reconstruction (invert, then generate with the source prompt; not with
+                         ``reconstruct=False``)
     records/<id>.json    one image's metrics, written last and atomically: it marks the image done
                          (a file that is not a complete record of <id> does not: it is redone)
     locks/<id>.lock      per-image advisory locks (fcntl), so concurrent processes never work on one image
@@ -14,6 +16,10 @@ A run folder holds::
 Every file is written to a hidden ``.<name>.<pid>.tmp`` and renamed into place. Resuming: images whose record
 exists are skipped; a crash between the PNGs and the record only redoes that image, and the temporary files
 a killed writer left are deleted when the image (or the table) is next written, under its lock.
+
+Metrics are not part of a run's identity: a done image whose record lacks an asked metric is scored from its
+saved PNGs (:func:`score_run`, ``diffinv score``; ``run_bench`` with other metrics does the same), never
+re-edited. Only ``recon_latent_rmse`` needs the model, so it is computed at edit time only.
 
 Several processes (``accelerate launch -m diffinv bench ...``, or ``torchrun``) each take the
 selected images ``rank::world_size``; the main process writes ``metrics.csv`` once all are done. Metrics
@@ -42,47 +48,63 @@ import torch
 from PIL import Image
 
 from ..devices import check_device
-from ..metrics import METRICS, MetricSuite, align_edit, parse_metrics
+from ..metrics import METRICS, RECON_METRICS, MetricSuite, align_edit, parse_metrics, reconstruction_metrics
 from ..smoothing import parse_smoothing
 from ..solve import SolverDivergence
-from ..solvers import get_solver, resolve_spacing
+from ..solvers import SPACING_CHOICES, get_solver, resolve_spacing
 from .piebench import PieBench, PieRecord
 from .presets import PROMPT_RULES, prompt_pairs
 
 __all__ = [
     "COLUMNS",
+    "RECON_COLUMNS",
     "EditorLike",
     "RunConfig",
     "load_editor",
     "read_records",
+    "read_run",
     "run_bench",
+    "score_run",
     "write_table",
 ]
 
-COLUMNS = ("image_id", "editing_type_id", *METRICS, "diverged")
+RECON_COLUMNS = (*RECON_METRICS, "recon_latent_rmse")
+COLUMNS = ("image_id", "editing_type_id", *METRICS, *RECON_COLUMNS, "diverged")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 CONFIG_FILE = "config.json"
 TABLE_FILE = "metrics.csv"
 
 
 class EditorLike(Protocol):
-    """What the runner needs from an editor (``diffinv.Editor`` has it)."""
+    """What the runner needs from an editor (``diffinv.Editor`` has it).
+
+    ``invert``'s result has ``source``, the encoded source latent; ``reconstruct(inv, output_type="latent")``
+    returns the regenerated latent, which ``decode_latents`` turns into images (``recon_latent_rmse``
+    compares the two latents).
+    """
 
     def invert(self, image: Image.Image, prompt: str) -> Any: ...
     def edit(self, inversion: Any, targets: list[str]) -> list[Image.Image]: ...
-    def reconstruct(self, inversion: Any) -> Any: ...
+    def reconstruct(self, inversion: Any, output_type: str = "pil") -> Any: ...
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]: ...
 
 
 @dataclass
 class RunConfig:
-    """Everything that decides a run's numbers; stored in ``config.json`` and checked on resume."""
+    """Everything that decides a run's numbers; stored in ``config.json`` and checked on resume.
+
+    ``spacing="auto"`` is resolved here to the solver's reference grid (:func:`diffinv.solvers.resolve_spacing`),
+    so the stored configuration says which grid was used. ``guidance=None``: the editor's default, which
+    :meth:`effective_guidance` resolves (and ``config.json`` records). ``metrics`` are the ones to compute, not
+    part of the run's identity (see :func:`score_run`).
+    """
 
     model: str
     solver: str = "ees27"
     solver_options: dict[str, Any] = field(default_factory=dict)
     steps: int = 50
-    spacing: str = "auto"  # resolved in __post_init__: config.json records the grid actually used
-    guidance: float | None = None  # None: the editor's default
+    spacing: str = "auto"
+    guidance: float | None = None
     inversion_guidance: float | None = None
     smoothing: list[str] = field(default_factory=list)
     editor_options: dict[str, Any] = field(default_factory=dict)
@@ -90,6 +112,7 @@ class RunConfig:
     seed: int = 1234  # the official scripts' per-image seed
     prompts: str = "standard"
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    reconstruct: bool = True  # also reconstruct each image (a third of the cost) and score the reconstruction
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -107,13 +130,21 @@ class RunConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.spacing not in SPACING_CHOICES:
+            raise ValueError(f"unknown spacing {self.spacing!r}; choose one of {', '.join(SPACING_CHOICES)}")
+        if not isinstance(self.reconstruct, bool):
+            raise ValueError(f"reconstruct must be true or false, got {self.reconstruct!r}")
         solver = get_solver(self.solver, **(self.solver_options or {}))  # unknown solver or bad option: ValueError
-        self.spacing = resolve_spacing(solver, self.spacing)  # "auto": the solver's reference grid
+        self.spacing = resolve_spacing(solver, self.spacing)
         parse_smoothing(self.smoothing)
         self.metrics = list(parse_metrics(self.metrics))
         self.smoothing = list(self.smoothing or [])
         self.solver_options = dict(self.solver_options or {})
         self.editor_options = dict(self.editor_options or {})
+        taken = sorted(set(self.editor_options) & RUN_SETTINGS)
+        if taken:
+            flag = taken[0].replace("_", "-")
+            raise ValueError(f"editor option {taken[0]!r} is a run setting: give it as --{flag} instead")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))  # plain JSON types (tuples -> lists)
@@ -122,6 +153,29 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def effective_guidance(self) -> dict[str, float | None]:
+        """The guidance scales the editor uses: ``guidance`` (default 3, or 7.5 with NPI) and
+        ``inversion_guidance`` (default: the guidance; ``None`` under NPI, which inverts without guidance)."""
+        from ..editor import DEFAULT_GUIDANCE, DEFAULT_NPI_GUIDANCE
+
+        npi = "npi" in parse_smoothing(self.smoothing)
+        guidance = self.guidance
+        if guidance is None:
+            guidance = DEFAULT_NPI_GUIDANCE if npi else DEFAULT_GUIDANCE
+        inversion = self.inversion_guidance
+        if inversion is None and not npi:
+            inversion = guidance
+        return {"guidance": float(guidance), "inversion_guidance": None if inversion is None else float(inversion)}
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a run folder's results depend on: all but ``metrics`` (computed later if missing), with
+        the effective guidance (a default and the same scale given explicitly are one run)."""
+        return {k: v for k, v in self.to_dict().items() if k != "metrics"} | self.effective_guidance()
+
+
+# Editor keywords that are RunConfig fields: an editor option may not set them behind the run's back.
+RUN_SETTINGS = {"solver", "solver_options", "steps", "spacing", "guidance", "inversion_guidance", "smoothing"}
 
 
 def load_editor(config: RunConfig, device: torch.device) -> EditorLike:
@@ -133,18 +187,15 @@ def load_editor(config: RunConfig, device: torch.device) -> EditorLike:
     if unknown:
         raise ValueError(f"unknown editor option {unknown[0]!r}; accepted: {', '.join(sorted(accepted))}")
     options: dict[str, Any] = {
+        "progress": False,
+        **config.editor_options,
         "solver": config.solver,
         "solver_options": config.solver_options or None,
         "steps": config.steps,
         "spacing": config.spacing,
         "smoothing": config.smoothing,
-        "progress": False,
-        **config.editor_options,
+        **config.effective_guidance(),  # what config.json records
     }
-    if config.guidance is not None:
-        options["guidance"] = config.guidance
-    if config.inversion_guidance is not None:
-        options["inversion_guidance"] = config.inversion_guidance
     return Editor.from_pretrained(config.model, dtype=DTYPES[config.dtype], device=device, **options)
 
 
@@ -177,13 +228,20 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _claim_config(run_dir: Path, config: RunConfig, data: Path) -> None:
-    """Create ``config.json``, or check that the existing one holds the same configuration."""
-    wanted = config.to_dict()
+    """Create ``config.json``, or check that the existing one holds the same configuration (but for metrics)."""
     path = run_dir / CONFIG_FILE
     if not path.exists():
         from .. import __version__
+        from ..provenance import model_revision, versions
 
-        payload = {"config": wanted, "data": str(data), "diffinv_version": __version__}
+        payload = {
+            "config": config.to_dict(),
+            "effective_guidance": config.effective_guidance(),  # never null: what the editor uses
+            "data": str(Path(data).resolve()),
+            "diffinv_version": __version__,
+            "versions": versions(),  # informational, like the model's revision: not checked on resume
+            "model_revision": model_revision(config.model),
+        }
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True), encoding="utf-8")
         try:
@@ -195,15 +253,27 @@ def _claim_config(run_dir: Path, config: RunConfig, data: Path) -> None:
                 os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-    try:
-        stored = RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))["config"]).to_dict()
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a diffinv run configuration ({err}); choose another --out") from None
+    stored = read_run(run_dir)[0].identity()  # resolved as a new one is: a stored "auto" or null guidance matches
+    wanted = config.identity()
     diff = [k for k in wanted if stored.get(k) != wanted[k]]
     if diff:
         what = "; ".join(f"{k}: run has {stored.get(k)!r}, asked {wanted[k]!r}" for k in diff)
+        if "spacing" in diff:
+            what += f"; to continue this run pass --spacing {stored['spacing']} (the default, auto, may differ)"
         raise ValueError(f"run folder {run_dir} holds a different configuration ({what}); use another --out")
     _remove_leftovers(path)  # safe once the file exists: a claim that loses its file to this finds the winner's
+
+
+def read_run(run_dir: str | Path) -> tuple[RunConfig, Path]:
+    """A run folder's configuration and the data set path it was run on (from its ``config.json``)."""
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        return RunConfig.from_dict(stored["config"]), Path(stored["data"])
+    except FileNotFoundError:
+        raise ValueError(f"{run_dir} is not a diffinv run folder (no {CONFIG_FILE})") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a diffinv run configuration ({err})") from None
 
 
 @contextlib.contextmanager
@@ -321,8 +391,10 @@ def run_bench(
 
     ``editor_factory(config, device)`` builds the editor (default: :func:`load_editor`); ``metrics`` is a
     ``(source, edited, mask, prompt) -> dict`` callable (default: a :class:`MetricSuite` with pretrained
-    weights for ``config.metrics``, looked up in the ``weights`` folder first). Both are built only if an image
-    remains to be done.
+    weights for ``config.metrics``, looked up in the ``weights`` folder first; its ``lpips`` network, if any,
+    also scores ``recon_lpips``). The editor is built only if an image remains to be edited, the metrics if one
+    remains to be edited or scored: a done image whose record lacks one of ``config.metrics`` is scored from
+    its saved images, not edited again.
     """
     dataset = data if isinstance(data, PieBench) else PieBench(data, types=types, ids=ids)
     if isinstance(data, PieBench) and (types is not None or ids is not None):
@@ -345,13 +417,20 @@ def run_bench(
     if (run_dir / CONFIG_FILE).exists():
         _claim_config(run_dir, config, dataset.root)  # a different configuration is refused before any work
 
-    shard = [r for r in records[proc.rank :: proc.world] if _load_record(run_dir / "records" / f"{r.id}.json") is None]
+    mine = records[proc.rank :: proc.world]
+    done = {r.id: _load_record(run_dir / "records" / f"{r.id}.json") for r in mine}
+    shard = [r for r in mine if done[r.id] is None]
+    columns = score_columns(config.metrics, config.reconstruct)
+    unscored = [r for r in mine if done[r.id] is not None and _missing(done[r.id], columns)]
     if shard:
         # Built before the folder is claimed: a configuration the editor refuses (a typo in a solver option,
         # a missing model) must not leave behind a run folder that holds it.
         editor = editor_factory(config, proc.device)
         _check_edit_size(editor, shard[0])
-        suite = metrics if metrics is not None else MetricSuite(config.metrics, device=proc.device, weights=weights)
+    suite = metrics
+    if suite is None and (shard or unscored):
+        names = config.metrics if shard else _needed([done[r.id] for r in unscored], columns, config.metrics)
+        suite = MetricSuite(names, device=proc.device, weights=weights) if names else None
     try:
         for sub in ("edited", "recon", "records", "locks"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -360,6 +439,8 @@ def run_bench(
     _claim_config(run_dir, config, dataset.root)
     if shard:
         _run_shard(config, shard, prompts, run_dir, editor, suite, progress and proc.rank == 0, proc.world)
+    if unscored:
+        _score_images(run_dir, unscored, columns, suite, progress and proc.rank == 0)
     proc.barrier()
     table = run_dir / TABLE_FILE
     if proc.rank == 0:
@@ -419,18 +500,20 @@ def _run_one(
     image, mask = record.image(), record.mask()
     start = time.perf_counter()
     row: dict[str, Any] = {"image_id": record.id, "editing_type_id": record.edit_type}
+    columns = score_columns(config.metrics, config.reconstruct)
     try:
         inversion = editor.invert(image, source_prompt)
         edited = editor.edit(inversion, [target_prompt])[0]
-        recon = editor.reconstruct(inversion)
-        recon = recon[0] if isinstance(recon, (list, tuple)) else recon
+        recon, latent_rmse = _reconstruct(editor, inversion) if config.reconstruct else (None, None)
     except SolverDivergence as err:
-        row.update({m: math.nan for m in METRICS if m in config.metrics}, diverged=1, error=str(err))
+        nan = dict.fromkeys((*columns, *(["recon_latent_rmse"] if config.reconstruct else [])), math.nan)
+        row.update(nan, diverged=1, error=str(err))
     else:
         _atomic_write(run_dir / "edited" / f"{record.id}.png", _png(edited))
-        _atomic_write(run_dir / "recon" / f"{record.id}.png", _png(recon))
-        values = suite(image, align_edit(edited, image.size).convert("RGB"), mask, target_prompt)
-        row.update({k: float(v) for k, v in values.items()}, diverged=0)
+        if recon is not None:
+            _atomic_write(run_dir / "recon" / f"{record.id}.png", _png(recon))
+            row["recon_latent_rmse"] = latent_rmse
+        row.update(image_scores(image, mask, target_prompt, edited, recon, columns, suite), diverged=0)
     row.update(
         source_prompt=source_prompt,
         target_prompt=target_prompt,
@@ -438,3 +521,128 @@ def _run_one(
         edited_fraction=float(np.mean(mask)),
     )
     _atomic_write(run_dir / "records" / f"{record.id}.json", json.dumps(row, indent=1).encode("utf-8"))
+
+
+def _reconstruct(editor: EditorLike, inversion: Any) -> tuple[Image.Image, float]:
+    """The reconstruction's image and its latent round-trip error: the RMS difference between the regenerated
+    latent and the encoded source latent (``inversion.source``)."""
+    latent = editor.reconstruct(inversion, output_type="latent")
+    image = editor.decode_latents(latent)[0]
+    diff = latent.detach().double().cpu() - inversion.source.detach().double().cpu()
+    return image, float(torch.sqrt(torch.mean(diff**2)))
+
+
+# -- scoring -----------------------------------------------------------------------------------------
+
+
+def score_columns(metrics: Sequence[str], reconstruct: bool = True) -> tuple[str, ...]:
+    """The record columns that scoring fills for ``metrics``: those metrics and, when the run reconstructs, the
+    reconstruction's PSNR, MSE, SSIM (and LPIPS if ``lpips`` is among them). Not ``recon_latent_rmse``: it
+    needs the model, so only the edit computes it."""
+    recon = [c for c in RECON_METRICS if c != "recon_lpips" or "lpips" in metrics] if reconstruct else []
+    return (*parse_metrics(metrics), *recon)
+
+
+def _missing(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
+    return [c for c in columns if c not in row]
+
+
+def _needed(rows: Sequence[dict[str, Any]], columns: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The metrics whose networks scoring these records' missing ``columns`` needs (diverged ones need none)."""
+    needed = {c for r in rows if not r.get("diverged") for c in _missing(r, columns)}
+    return [m for m in names if m in needed or (m == "lpips" and "recon_lpips" in needed)]
+
+
+def image_scores(
+    source: Image.Image,
+    mask: np.ndarray,
+    prompt: str,
+    edited: Image.Image,
+    recon: Image.Image | None,
+    columns: Sequence[str],
+    suite: Callable[..., dict[str, float]],
+) -> dict[str, float]:
+    """The ``columns`` of one image: the edit's metrics from ``suite`` (and what else it returns), the
+    reconstruction's against the source (``recon_lpips`` with ``suite.lpips``, when the suite has one). Both
+    images are compared as the official evaluation does (:func:`align_edit`)."""
+    out: dict[str, float] = {}
+    if any(c in METRICS for c in columns):
+        values = suite(source, align_edit(edited, source.size).convert("RGB"), mask, prompt)
+        out.update({k: float(v) for k, v in values.items()})
+    if recon is not None and any(c in RECON_METRICS for c in columns):
+        lpips = getattr(suite, "lpips", None) if "recon_lpips" in columns else None
+        values = reconstruction_metrics(source, align_edit(recon, source.size).convert("RGB"), lpips)
+        out.update({k: v for k, v in values.items() if k in columns})
+    return out
+
+
+def _score_images(
+    run_dir: Path,
+    records: Sequence[PieRecord],
+    columns: Sequence[str],
+    suite: Callable[..., dict[str, float]] | None,
+    progress: bool,
+) -> None:
+    """Fill the missing ``columns`` of these done images from their saved PNGs, one image at a time under its
+    lock (waiting for a process that holds it), each record rewritten atomically."""
+    from tqdm.auto import tqdm
+
+    for record in tqdm(records, unit="img", disable=not progress, desc=f"{run_dir.name} (scoring)"):
+        path = run_dir / "records" / f"{record.id}.json"
+        with _image_lock(run_dir / "locks" / f"{record.id}.lock", wait=True):
+            row = _load_record(path)
+            missing = [] if row is None else _missing(row, columns)
+            if not missing:  # not done after all, or scored meanwhile by another process
+                continue
+            if row.get("diverged"):
+                row.update(dict.fromkeys(missing, math.nan))  # no images to score
+            else:
+                recon = None
+                if any(c in RECON_METRICS for c in missing):
+                    recon = _saved_image(run_dir / "recon" / f"{record.id}.png")
+                edited = _saved_image(run_dir / "edited" / f"{record.id}.png")
+                prompt = row.get("target_prompt", record.target_prompt)
+                values = image_scores(record.image(), record.mask(), prompt, edited, recon, missing, suite)
+                row.update({k: v for k, v in values.items() if k in missing})
+            _remove_leftovers(path)
+            _atomic_write(path, json.dumps(row, indent=1).encode("utf-8"))
+
+
+def _saved_image(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: this image cannot be scored (delete its record to redo it)")
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def score_run(
+    run_dir: str | Path,
+    metrics: str | Sequence[str] | None = None,
+    *,
+    data: str | Path | None = None,
+    device: str | None = None,
+    weights: str | Path | None = None,
+    suite: Callable[..., dict[str, float]] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Compute the ``metrics`` (default: all) that the done images of ``run_dir`` lack, from their saved images
+    and the data set (``data``, default: the path in ``config.json``), without the diffusion model; then
+    rebuild ``metrics.csv`` and return its path. Resumable and safe beside a running ``bench`` on the same folder.
+
+    ``suite``: a ``(source, edited, mask, prompt) -> dict`` callable (default: a :class:`MetricSuite` of the
+    missing metrics, built only if one is missing, weights from ``weights`` first).
+    """
+    run_dir = Path(run_dir)
+    config, stored_data = read_run(run_dir)
+    names = parse_metrics(metrics)
+    columns = score_columns(names, config.reconstruct)
+    rows = [r for r in read_records(run_dir) if _missing(r, columns)]
+    if rows:
+        dataset = PieBench(data if data is not None else stored_data, ids=[r["image_id"] for r in rows])
+        wanted = _needed(rows, columns, names)
+        if suite is None and wanted:
+            check_device(device)
+            dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            suite = MetricSuite(wanted, device=dev, weights=weights)
+        _score_images(run_dir, list(dataset), columns, suite, progress)
+    return write_table(run_dir)

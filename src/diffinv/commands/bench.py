@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import CommandError, UsageError
+from ..solvers import SPACING_CHOICES
 from . import add_weights_argument, parse_key_values
 
 
@@ -31,8 +32,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=50, help="solver steps (default: %(default)s)")
     p.add_argument(
         "--spacing",
-        help="grid spacing: auto (default: each solver's reference grid, recorded resolved in config.json), "
-        "lambda, time or sigma",
+        help=f"grid spacing: {', '.join(SPACING_CHOICES)} (default auto: each solver on its reference grid, time for "
+        "DDIM and the exactly reversible solvers, lambda for Runge-Kutta/EES; config.json records the one used)",
     )
     p.add_argument("--guidance", type=float, help="editing CFG scale (default: the editor's)")
     p.add_argument("--inversion-guidance", type=float, help="CFG scale while inverting (default: the editor's)")
@@ -58,7 +59,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--metrics",
         default="all",
-        help="comma-separated subset of structure_distance,psnr,lpips,mse,ssim,clip_whole,clip_edited (default: all)",
+        help="comma-separated subset of structure_distance,psnr,lpips,mse,ssim,clip_whole,clip_edited (default "
+        "all); not part of a run's identity: rerun with more to score the done images without editing them again",
+    )
+    p.add_argument(
+        "--no-reconstruct",
+        action="store_true",
+        help="skip the reconstruction (a third of the solver cost) and its recon_* columns",
     )
     add_weights_argument(p)
     p.add_argument("--preset", help="run a paper experiment (several runs, one folder each under --out)")
@@ -110,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "seed": args.seed,
         "metrics": args.metrics,
+        "reconstruct": not args.no_reconstruct,
     }
     base["solver_options"] = parse_key_values(base["solver_options"], "--solver-option")
     if args.preset is None:
@@ -166,7 +174,8 @@ def _dry_run(runs: list[tuple[Path, dict[str, Any]]], args: argparse.Namespace, 
         config = RunConfig(**settings)
         nfe = get_solver(config.solver, **config.solver_options).nfe_per_step
         todo = [r for r in records if not (out / "records" / f"{r.id}.json").is_file()]
-        calls = len(todo) * 3 * nfe * config.steps
+        passes = 3 if config.reconstruct else 2  # invert, edit (and reconstruct)
+        calls = len(todo) * passes * nfe * config.steps
         total += calls
         print(
             f"{out}: {config.solver} {json.dumps(config.solver_options, sort_keys=True)}, {config.steps} steps on "

@@ -1,0 +1,44 @@
+"""``diffinv score``: compute the metrics a bench run lacks from its saved images, without the diffusion model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from . import add_weights_argument
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "score",
+        help="compute the missing metrics of bench runs from their saved images (no diffusion model)",
+        description="Score the done images of each RUN folder with the metrics their records lack, from the "
+        "saved edited/ and recon/ PNGs and the data set, then rebuild metrics.csv. Resumable, and safe beside a "
+        "'diffinv bench' writing the same folder. recon_latent_rmse needs the model: only bench computes it.",
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="a run folder (holding config.json)")
+    p.add_argument(
+        "--metrics",
+        default="all",
+        help="comma-separated subset of structure_distance,psnr,lpips,mse,ssim,clip_whole,clip_edited (default all)",
+    )
+    p.add_argument("--data", type=Path, help="PIE-Bench folder (default: the one in the run's config.json)")
+    add_weights_argument(p)
+    p.add_argument("--device", help="device of the metric networks (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import score_run
+    from ..bench.runner import read_run
+    from ..metrics import parse_metrics
+
+    parse_metrics(args.metrics)  # a typo fails before any work
+    for folder in args.runs:
+        read_run(folder)  # every folder is a run before any is scored
+    for folder in args.runs:
+        options = {"data": args.data, "device": args.device, "weights": args.weights}
+        print(score_run(folder, args.metrics, progress=not args.no_progress, **options))
+    return 0
