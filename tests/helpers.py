@@ -7,6 +7,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import settings
 from PIL import Image
@@ -81,6 +82,19 @@ def isclose_all(values, expected, tol: float) -> bool:
 def in_ci() -> bool:
     """Whether the suite runs in CI (``CI=true``, as ``make test`` and ``.ci/run`` set it)."""
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(module: str, reason: str | None = None):
+    """``pytest.importorskip(module)``, except under CI (:func:`in_ci`), where a failed import fails the test:
+    CI installs every extra, so a missing module there is a broken install, not a reason to skip."""
+    if not in_ci():
+        return pytest.importorskip(module, reason=reason)
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        pytest.fail(f"{module} does not import under CI=true ({reason or 'needed by this test'}): {err}")
 
 
 def fuzz(max_examples: int, **options) -> settings:

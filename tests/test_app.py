@@ -21,6 +21,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import require
 from PIL import Image
 
 from diffinv import cli
@@ -38,8 +39,8 @@ from diffinv.app import (
 )
 from diffinv.solve import generate, invert
 
-gr = pytest.importorskip("gradio", reason="the app needs the app extra: pip install 'diffinv[app]'")
-gradio_client = pytest.importorskip("gradio_client")
+gr = require("gradio", reason="the app needs the app extra: pip install 'diffinv[app]'")
+gradio_client = require("gradio_client", reason="the app extra")
 
 TARGETS = ["red box 0.2", "night scene"]
 
@@ -234,7 +235,7 @@ def test_api_bad_input_is_an_error_not_a_crash(client, example, source, targets,
 
 
 def test_api_compare_tiny_sd(tmp_path):
-    pytest.importorskip("diffusers")
+    require("diffusers")
     from tiny import tiny_sd_pipe
 
     demo, url = _serve(EditorBackend(tiny_sd_pipe()))
@@ -258,9 +259,51 @@ def test_api_compare_tiny_sd(tmp_path):
         demo.close()
 
 
-def test_cli_app_errors(capsys):
+def test_cli_app_errors(capsys, tmp_path):
     assert cli.main(["app", "--port", "0"]) == 2
     assert "--port" in capsys.readouterr().err
+    assert cli.main(["app", "--model", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: model folder not found")
+
+
+def test_cli_app_serves_the_chosen_model_on_the_chosen_address(monkeypatch, tmp_path):
+    """``--model``, ``--host`` and ``--port`` reach the page and the server (launch itself is replaced)."""
+    from tiny import tiny_sd_pipe
+
+    launched = {}
+
+    def launch(self, **kwargs):
+        launched.update(kwargs, title=self.title, markdown=[getattr(b, "value", None) for b in self.blocks.values()])
+        return self
+
+    monkeypatch.setattr(gr.Blocks, "launch", launch)
+    assert cli.main(["app", "--host", "0.0.0.0", "--port", "7999"]) == 0
+    assert (launched["server_name"], launched["server_port"]) == ("0.0.0.0", 7999)
+    assert any("toy-scenes" in str(m) for m in launched["markdown"])  # no --model: the offline toy model
+    model = tmp_path / "tiny-sd"
+    tiny_sd_pipe().save_pretrained(model)
+    launched.clear()
+    assert cli.main(["app", "--model", str(model)]) == 0
+    assert (launched["server_name"], launched["server_port"]) == ("127.0.0.1", 7860)
+    assert any(str(model) in str(m) for m in launched["markdown"])  # the page names the loaded model
+
+
+def test_progress_is_reported_per_solver_up_to_done(toy, example):
+    seen = []
+    compare(
+        toy,
+        example,
+        "gray box",
+        TARGETS,
+        ["edict", "ddim"],
+        Settings(steps=4),
+        progress=lambda f, d: seen.append((f, d)),
+    )
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and seen[-1] == (1.0, "done")
+    assert any(d.startswith("edict: inverting") for _, d in seen) and any(
+        d.startswith("ddim: editing") for _, d in seen
+    )
 
 
 # -- a real browser -----------------------------------------------------------------------------
@@ -268,7 +311,7 @@ def test_cli_app_errors(capsys):
 
 def _browser():
     """A headless Chromium driven by selenium, or a skip saying what is missing."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    webdriver = require("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not chromium or not driver:
