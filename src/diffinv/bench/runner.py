@@ -526,9 +526,11 @@ def _run_one(
 def _reconstruct(editor: EditorLike, inversion: Any) -> tuple[Image.Image, float]:
     """The reconstruction's image and its latent round-trip error: the RMS difference between the regenerated
     latent and the encoded source latent (``inversion.source``)."""
-    latent = editor.reconstruct(inversion, output_type="latent")
+    latent, source = editor.reconstruct(inversion, output_type="latent"), inversion.source
+    if tuple(latent.shape) != tuple(source.shape):
+        raise ValueError(f"the reconstructed latent is {tuple(latent.shape)}, the source's {tuple(source.shape)}")
     image = editor.decode_latents(latent)[0]
-    diff = latent.detach().double().cpu() - inversion.source.detach().double().cpu()
+    diff = latent.detach().double().cpu() - source.detach().double().cpu()
     return image, float(torch.sqrt(torch.mean(diff**2)))
 
 

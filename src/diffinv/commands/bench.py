@@ -35,8 +35,8 @@ def add_parser(sub: Any) -> None:
         help=f"grid spacing: {', '.join(SPACING_CHOICES)} (default auto: each solver on its reference grid, time for "
         "DDIM and the exactly reversible solvers, lambda for Runge-Kutta/EES; config.json records the one used)",
     )
-    p.add_argument("--guidance", type=float, help="editing CFG scale (default: the editor's)")
-    p.add_argument("--inversion-guidance", type=float, help="CFG scale while inverting (default: the editor's)")
+    p.add_argument("--guidance", type=float, help="editing CFG scale (default 3; 7.5 with npi)")
+    p.add_argument("--inversion-guidance", type=float, help="CFG scale while inverting (default: --guidance)")
     p.add_argument("--smoothing", nargs="*", help="smoothing strategies: npi, proximal, smooth-lora (default: none)")
     p.add_argument(
         "--editor-option",

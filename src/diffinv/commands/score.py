@@ -17,7 +17,13 @@ def add_parser(sub: Any) -> None:
         "saved edited/ and recon/ PNGs and the data set, then rebuild metrics.csv. Resumable, and safe beside a "
         "'diffinv bench' writing the same folder. recon_latent_rmse needs the model: only bench computes it.",
     )
-    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="a run folder (holding config.json)")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        type=Path,
+        metavar="RUN",
+        help="a run folder (holding config.json), or a folder of runs (a preset's --out)",
+    )
     p.add_argument(
         "--metrics",
         default="all",
@@ -30,15 +36,26 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def run_folders(paths: list[Path]) -> list[Path]:
+    """The run folders named: each path itself if it holds ``config.json``, else its subfolders that do."""
+    from ..bench.runner import CONFIG_FILE, read_run
+
+    out = []
+    for path in paths:
+        runs = [path] if (path / CONFIG_FILE).is_file() or not path.is_dir() else []
+        runs = runs or sorted(d for d in path.iterdir() if (d / CONFIG_FILE).is_file())
+        for folder in runs or [path]:
+            read_run(folder)  # every folder is a run before any is scored
+            out.append(folder)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from ..bench import score_run
-    from ..bench.runner import read_run
     from ..metrics import parse_metrics
 
     parse_metrics(args.metrics)  # a typo fails before any work
-    for folder in args.runs:
-        read_run(folder)  # every folder is a run before any is scored
-    for folder in args.runs:
+    for folder in run_folders(args.runs):
         options = {"data": args.data, "device": args.device, "weights": args.weights}
         print(score_run(folder, args.metrics, progress=not args.no_progress, **options))
     return 0
