@@ -91,8 +91,8 @@ def test_report_command_writes_tables_and_figures(runs, tmp_path, capsys):
     style = next(r for r in by_type if r["type"] == "9" and r["run"] == "ees27")
     assert style["psnr"] == "nan" and style["psnr_nan"] == "1" and style["clip_whole"] != "nan"
     md = (out / "report.md").read_text()
-    assert "LPIPS ×10³ ↓" in md and "| ees27 | ees27 | lambda | none |" in md
-    assert "| bdia | bdia | time | none |" in md and "## Per edit type" in md
+    assert "LPIPS ×10³ ↓" in md and "| ees27 | ees27 | lambda | 3.00 | none |" in md
+    assert "| bdia | bdia | time | 3.00 | none |" in md and "## Per edit type" in md
     for name in ("fig4_clip_vs_lpips", "fig7_smoothing", "guidance", "grid"):
         with Image.open(out / f"{name}.png") as im:
             assert im.size[0] > 100 and im.size[1] > 100
@@ -166,3 +166,12 @@ def test_arrow_and_label_plots_keep_every_point_inside_the_axes():
     _fit(ax, [5.0], [7.0])  # one point: a window around it, not a zero-width axis
     assert ax.get_xlim()[0] < 5.0 < ax.get_xlim()[1] and ax.get_ylim()[0] < 7.0 < ax.get_ylim()[1]
     plt.close(fig)
+
+
+def test_the_effective_guidance_is_reported_never_blank(runs, tmp_path):
+    root, _ = runs
+    out = tmp_path / "g"
+    assert main(["report", str(root / "sweep" / "ees27"), str(root / "sweep" / "ees27-npi"), "--out", str(out)]) == 0
+    with open(out / "summary.csv", newline="") as f:
+        guidance = {r["run"]: r["guidance"] for r in csv.DictReader(f)}
+    assert guidance == {"ees27": "3.0", "ees27-npi": "7.5"}

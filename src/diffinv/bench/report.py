@@ -77,6 +77,7 @@ class Run:
     config: dict[str, Any]
     data: str | None
     records: list[dict[str, Any]]
+    effective_guidance: float | None = None  # what the editor used (config.json's effective_guidance)
 
 
 def load_run(path: str | Path) -> Run:
@@ -91,7 +92,9 @@ def load_run(path: str | Path) -> Run:
         raise ValueError(f"{config_path} is not a diffinv run configuration ({err})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} is not a diffinv run configuration (config is not an object)")
-    return Run(path, path.name, config, stored.get("data"), read_records(path))
+    effective = stored.get("effective_guidance")
+    effective = effective.get("guidance") if isinstance(effective, dict) else None
+    return Run(path, path.name, config, stored.get("data"), read_records(path), effective)
 
 
 def unique_labels(paths: Sequence[Path]) -> list[str]:
@@ -152,13 +155,15 @@ def summarize(records: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     return out
 
 
-def _describe(config: dict[str, Any]) -> dict[str, Any]:
+def _describe(run: Run) -> dict[str, Any]:
+    config = run.config
+    guidance = config.get("guidance") if config.get("guidance") is not None else run.effective_guidance
     return {
         "solver": config.get("solver"),
         "options": json.dumps(config.get("solver_options") or {}, sort_keys=True),
         "steps": config.get("steps"),
         "spacing": config.get("spacing"),
-        "guidance": "" if config.get("guidance") is None else config.get("guidance"),
+        "guidance": "" if guidance is None else guidance,
         "smoothing": "+".join(config.get("smoothing") or []) or "none",
         "prompts": config.get("prompts"),
         "model": config.get("model"),
@@ -199,7 +204,7 @@ def write_report(
     for run, label in zip(runs, unique_labels([r.path for r in runs])):
         run.name = label
     columns = _columns([rec for r in runs for rec in r.records])
-    overall = [{"run": r.name, **_describe(r.config), **summarize(r.records, columns)} for r in runs]
+    overall = [{"run": r.name, **_describe(r), **summarize(r.records, columns)} for r in runs]
     by_type = []
     for r in runs:
         for t in sorted({int(rec["editing_type_id"]) for rec in r.records}):
@@ -217,7 +222,7 @@ def write_report(
         "inf, so a published finite PSNR had none: compare only rows with inf = 0). `recon *` columns score the "
         "reconstruction (source prompt) against the source image.",
         "",
-        _markdown(overall, ["run", "solver", "spacing", "smoothing"], columns),
+        _markdown(overall, ["run", "solver", "spacing", "guidance", "smoothing"], columns),
         "",
         "## Per edit type",
         "",
