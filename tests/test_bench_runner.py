@@ -360,3 +360,29 @@ def test_dry_run_prints_runs_images_and_model_calls_without_loading(data, tmp_pa
     ees = next(line for line in lines if line.startswith(str(tmp_path / "ees27")))
     assert diffinv.get_solver("ees27").nfe_per_step == 4
     assert "on the lambda grid" in ees and "480 model calls" in ees  # EES(2,7): 4 calls per step
+
+
+def test_bench_runtime_flags_reach_the_editor_and_bad_ones_are_one_line_errors(data, tmp_path, capsys, monkeypatch):
+    import diffinv
+
+    seen = {}
+
+    def capture(model, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")  # the options arrived; nothing else to do
+
+    monkeypatch.setattr(diffinv.Editor, "from_pretrained", capture)
+    argv = ["bench", "--data", str(data), "--model", "m", "--out", str(tmp_path / "r"), "--device", "cpu"]
+    assert main([*argv, "--offload", "model", "--vae-tiling", "--vae-slicing", "--compile"]) == 2
+    assert capsys.readouterr().err == "error: stop here\n"
+    assert seen["offload"] == "model" and seen["vae_tiling"] and seen["vae_slicing"]
+    assert seen["compile"] == "max-autotune-no-cudagraphs"
+    seen.clear()
+    assert main(argv) == 2
+    assert seen["offload"] is None and not seen["vae_tiling"] and seen["compile"] is False
+    capsys.readouterr()
+    try:
+        code = main([*argv, "--offload", "disk"])
+    except SystemExit as stop:  # argparse rejects the choice itself
+        code = stop.code
+    assert code == 2 and "invalid choice: 'disk'" in capsys.readouterr().err

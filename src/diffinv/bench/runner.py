@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import glob
 import inspect
 import io
@@ -178,8 +179,12 @@ class RunConfig:
 RUN_SETTINGS = {"solver", "solver_options", "steps", "spacing", "guidance", "inversion_guidance", "smoothing"}
 
 
-def load_editor(config: RunConfig, device: torch.device) -> EditorLike:
-    """The default editor factory: ``diffinv.Editor.from_pretrained`` with the run's settings."""
+def load_editor(config: RunConfig, device: torch.device, runtime: dict[str, Any] | None = None) -> EditorLike:
+    """The default editor factory: ``diffinv.Editor.from_pretrained`` with the run's settings.
+
+    ``runtime``: the memory and speed options (offload, vae_tiling, vae_slicing, compile; :mod:`diffinv.runtime`).
+    They change how fast the run goes, not its results, so they are not part of the run's identity.
+    """
     from ..editor import Editor
 
     accepted = set(inspect.signature(Editor.__init__).parameters) - {"self", "pipe", "device", "dtype"}
@@ -195,6 +200,7 @@ def load_editor(config: RunConfig, device: torch.device) -> EditorLike:
         "spacing": config.spacing,
         "smoothing": config.smoothing,
         **config.effective_guidance(),  # what config.json records
+        **(runtime or {}),
     }
     return Editor.from_pretrained(config.model, dtype=DTYPES[config.dtype], device=device, **options)
 
@@ -382,14 +388,16 @@ def run_bench(
     ids: Sequence[str] | None = None,
     limit: int | None = None,
     device: str | None = None,
-    editor_factory: Callable[[RunConfig, torch.device], EditorLike] = load_editor,
+    editor_factory: Callable[[RunConfig, torch.device], EditorLike] | None = None,
     metrics: Callable[..., dict[str, float]] | None = None,
     progress: bool = True,
     weights: str | Path | None = None,
+    runtime: dict[str, Any] | None = None,
 ) -> Path:
     """Edit every selected image not yet done in ``out`` and write its record; returns ``metrics.csv``.
 
-    ``editor_factory(config, device)`` builds the editor (default: :func:`load_editor`); ``metrics`` is a
+    ``editor_factory(config, device)`` builds the editor (default: :func:`load_editor`, with the ``runtime``
+    options); ``metrics`` is a
     ``(source, edited, mask, prompt) -> dict`` callable (default: a :class:`MetricSuite` with pretrained
     weights for ``config.metrics``, looked up in the ``weights`` folder first; its ``lpips`` network, if any,
     also scores ``recon_lpips``). The editor is built only if an image remains to be edited, the metrics if one
@@ -425,7 +433,8 @@ def run_bench(
     if shard:
         # Built before the folder is claimed: a configuration the editor refuses (a typo in a solver option,
         # a missing model) must not leave behind a run folder that holds it.
-        editor = editor_factory(config, proc.device)
+        factory = editor_factory or functools.partial(load_editor, runtime=runtime)
+        editor = factory(config, proc.device)
         _check_edit_size(editor, shard[0])
     suite = metrics
     if suite is None and (shard or unscored):

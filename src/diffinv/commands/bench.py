@@ -10,7 +10,7 @@ from typing import Any
 
 from ..cli import CommandError, UsageError
 from ..solvers import SPACING_CHOICES
-from . import add_weights_argument, parse_key_values
+from . import add_runtime_arguments, add_weights_argument, parse_key_values, runtime_options
 
 
 def add_parser(sub: Any) -> None:
@@ -68,6 +68,7 @@ def add_parser(sub: Any) -> None:
         help="skip the reconstruction (a third of the solver cost) and its recon_* columns",
     )
     add_weights_argument(p)
+    add_runtime_arguments(p)
     p.add_argument("--preset", help="run a paper experiment (several runs, one folder each under --out)")
     p.add_argument("--only", help="with --preset: only these runs (comma-separated names)")
     p.add_argument("--list-presets", action="store_true", help="print the presets and their runs, then exit")
@@ -147,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
                 device=args.device,
                 progress=not args.no_progress,
                 weights=args.weights,
+                runtime=runtime_options(args),
             )
         except Exception as err:
             if not args.keep_going:
