@@ -65,3 +65,18 @@ def test_bench_help_explains_every_option():
         if "default" not in a.help and a.dest not in ("data", "model", "out", "preset", "only")
     ]
     assert undocumented == []
+
+
+def test_an_uncached_hub_model_with_the_hub_unreachable_is_one_line_at_once(monkeypatch):
+    import time
+
+    import diffinv.weights
+    from diffinv.families import pipeline_name
+
+    with pytest.raises(ValueError, match=r"not in the local hub cache and the hub is off \(HF_HUB_OFFLINE=1\)"):
+        pipeline_name("nobody/no-such-model")  # the tests run with HF_HUB_OFFLINE=1
+    monkeypatch.setattr(diffinv.weights, "hub_offline_reason", lambda: "huggingface.co is unreachable (timed out)")
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"huggingface\.co is unreachable") as err:
+        pipeline_name("nobody/no-such-model")
+    assert "\n" not in str(err.value) and time.monotonic() - start < 2  # no retries

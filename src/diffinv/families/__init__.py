@@ -51,10 +51,20 @@ def pipeline_name(model: str | Path) -> str:
     elif path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:
         raise ValueError(f"model folder not found: {model}")
     else:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
+        from ..weights import hub_offline_reason
+
+        cached = try_to_load_from_cache(str(model), "model_index.json")
+        if not isinstance(cached, str):  # not in the local cache: the hub must answer, say at once if it cannot
+            reason = hub_offline_reason()
+            if reason is not None:
+                raise ValueError(
+                    f"model {model!r} is not in the local hub cache and {reason}; give a local model folder, "
+                    "or run where the hub is reachable once to cache it"
+                )
         try:
-            index = Path(hf_hub_download(str(model), "model_index.json"))
+            index = Path(cached) if isinstance(cached, str) else Path(hf_hub_download(str(model), "model_index.json"))
         except Exception as err:
             raise ValueError(f"cannot find model {model!r} locally or on the hub: {str(err).splitlines()[0]}") from None
     try:
