@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-__all__ = ["CommandError", "UsageError", "main"]
+__all__ = ["CommandError", "UsageError", "first_line", "main"]
 
 COMMANDS = ("solvers", "demo", "edit", "bench", "score", "report", "weights", "app")
 
@@ -40,6 +40,12 @@ class CommandError(RuntimeError):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + message
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def first_line(err: BaseException) -> str:
+    """The one line an error is reported by: its message's first line, or its type's name if it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         usage = isinstance(err, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError))
         usage = usage and not isinstance(err, CommandError)
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {first_line(err)}", file=sys.stderr)
         return 2 if usage else 1
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from ..metrics import METRICS
 from ..metrics import summarize as summarize_column
 from .piebench import EDIT_TYPES
-from .runner import CONFIG_FILE, read_records
+from .runner import CONFIG_FILE, RECON_COLUMNS, read_records
 
 __all__ = [
     "HEADERS",
@@ -51,7 +51,6 @@ SCALE = {
     "recon_lpips": 1e3,
     "recon_latent_rmse": 1e3,
 }
-RECON_METRICS = ("recon_psnr", "recon_mse", "recon_ssim", "recon_lpips", "recon_latent_rmse")
 HEADERS = {
     "structure_distance": "Structure ×10³ ↓",
     "psnr": "PSNR ↑",
@@ -134,7 +133,7 @@ def _value(record: dict[str, Any], metric: str) -> float | None:
 
 def _columns(records: Sequence[dict[str, Any]]) -> list[str]:
     """The metric columns to report: the edit metrics, then the reconstruction ones that some record has."""
-    return [*METRICS, *(m for m in RECON_METRICS if any(r.get(m) is not None for r in records))]
+    return [*METRICS, *(m for m in RECON_COLUMNS if any(r.get(m) is not None for r in records))]
 
 
 def summarize(records: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> dict[str, Any]:

@@ -66,6 +66,7 @@ __all__ = [
     "read_run",
     "run_bench",
     "score_run",
+    "select_records",
     "write_table",
 ]
 
@@ -379,6 +380,26 @@ def _process(device: str | None) -> _Process:
 # -- the run -----------------------------------------------------------------------------------------
 
 
+def select_records(
+    data: str | Path | PieBench,
+    types: Sequence[int] | None = None,
+    ids: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> tuple[PieBench, list[PieRecord]]:
+    """The data set and the records a run works on: ``types``/``ids`` selected, the first ``limit`` in id order."""
+    dataset = data if isinstance(data, PieBench) else PieBench(data, types=types, ids=ids)
+    if isinstance(data, PieBench) and (types is not None or ids is not None):
+        dataset = PieBench(data.root, types=types, ids=ids)
+    records = list(dataset)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be a positive integer, got {limit}")
+        records = records[:limit]
+    if not records:
+        raise ValueError(f"no PIE-Bench record selected in {dataset.root} (check --types / --ids)")
+    return dataset, records
+
+
 def run_bench(
     config: RunConfig,
     data: str | Path | PieBench,
@@ -404,16 +425,7 @@ def run_bench(
     remains to be edited or scored: a done image whose record lacks one of ``config.metrics`` is scored from
     its saved images, not edited again.
     """
-    dataset = data if isinstance(data, PieBench) else PieBench(data, types=types, ids=ids)
-    if isinstance(data, PieBench) and (types is not None or ids is not None):
-        dataset = PieBench(data.root, types=types, ids=ids)
-    records = list(dataset)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be a positive integer, got {limit}")
-        records = records[:limit]
-    if not records:
-        raise ValueError(f"no PIE-Bench record selected in {dataset.root} (check --types / --ids)")
+    dataset, records = select_records(data, types=types, ids=ids, limit=limit)
     for record in records:
         record.mask()  # validate every selected record before any work
     prompts = prompt_pairs(dataset, config.prompts)

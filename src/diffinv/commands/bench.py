@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli import CommandError, UsageError
+from ..cli import CommandError, UsageError, first_line
 from ..solvers import SPACING_CHOICES
 from . import add_runtime_arguments, add_weights_argument, parse_key_values, runtime_options
 
@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         runs = [(args.out / name, {**base, **o}) for name, o in preset.runs.items() if only is None or name in only]
     if args.dry_run:
         return _dry_run(runs, args, types_int)
+    runtime = runtime_options(args)
     failures = []
     for out, settings in runs:
         try:
@@ -148,13 +149,12 @@ def run(args: argparse.Namespace) -> int:
                 device=args.device,
                 progress=not args.no_progress,
                 weights=args.weights,
-                runtime=runtime_options(args),
+                runtime=runtime,
             )
         except Exception as err:
             if not args.keep_going:
                 raise
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"error: run {out.name} failed: {message}", file=sys.stderr)
+            print(f"error: run {out.name} failed: {first_line(err)}", file=sys.stderr)
             failures.append(out.name)
             continue
         print(table)
@@ -165,12 +165,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _dry_run(runs: list[tuple[Path, dict[str, Any]]], args: argparse.Namespace, types: list[int] | None) -> int:
     """Each run's images still to do and its denoiser calls (invert + edit + reconstruct), before any loading."""
-    from ..bench import PieBench, RunConfig
+    from ..bench import RunConfig
+    from ..bench.runner import select_records
     from ..solvers import get_solver
 
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be a positive integer, got {args.limit}")
-    records = list(PieBench(args.data, types=types, ids=_csv_list(args.ids)))[: args.limit]
+    _, records = select_records(args.data, types=types, ids=_csv_list(args.ids), limit=args.limit)
     total = 0
     for out, settings in runs:
         config = RunConfig(**settings)
