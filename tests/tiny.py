@@ -185,3 +185,40 @@ def damp_unet(unet, time_scale: float = 1e-3, out_scale: float = 0.1):
     unet.conv_out.weight.data.mul_(out_scale)
     unet.conv_out.bias.data.mul_(out_scale)
     return unet
+
+
+def tiny_text_sd_pipe(seed: int = 0, text_scale: float = 30.0, time_scale: float = 1e-2, out_scale: float = 0.3):
+    """A tiny SD pipeline whose output follows its text embedding (for null-text inversion).
+
+    A random tiny UNet barely responds to its null embedding: cross-attention sits at one resolution and the
+    text states are O(1) against Adam's steps of 1e-2. Here every resolution cross-attends, the text encoder's
+    output is shrunk by ``text_scale`` and every cross-attention's key/value projections grown by it (the
+    encoded prompts act as before, a step of the optimised embedding moves the output ``text_scale`` times
+    more), and the UNet is smoothed in time and damped as :func:`damp_unet` does.
+    """
+    from diffusers import UNet2DConditionModel
+
+    pipe = tiny_sd_pipe(seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    ).eval()
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_k.weight.mul_(text_scale)
+                module.to_v.weight.mul_(text_scale)
+        norm = pipe.text_encoder.final_layer_norm
+        norm.weight.div_(text_scale)
+        norm.bias.div_(text_scale)
+    damp_unet(unet, time_scale, out_scale)
+    pipe.register_modules(unet=unet)
+    return pipe

@@ -448,8 +448,10 @@ class Editor:
         per-step embeddings or differences that make the guided (``guidance``) source branch land on it."""
         if self.npi or self.proximal is not None:
             raise ValueError(f"inversion {method} does not combine with smoothing npi/proximal")
-        if method == "direct" and options:
-            raise ValueError(f"inversion options {', '.join(sorted(options))} need method 'null-text'")
+        unknown = sorted(set(options) - ({"inner_steps", "epsilon", "lr"} if method == "null-text" else set()))
+        if unknown:
+            accepted = "null-text takes inner_steps, epsilon, lr"
+            raise ValueError(f"unknown {method} inversion option {unknown[0]!r} ({accepted})")
         with torch.inference_mode(), self.family.placed():
             if not isinstance(latent, Tensor) or latent.dim() != 4:
                 raise ValueError(f"latent must be a (N, C, h, w) tensor, got {getattr(latent, 'shape', latent)!r}")
@@ -478,11 +480,12 @@ class Editor:
                 model = _GuidedEps(self, cond, uncond, self.guidance)
                 result.offsets = direct_offsets(model, self.solver, inv.grid, pivot)
                 return result
-        with self.family.placed():  # null-text: gradients through the UNet, outside inference mode
-            cond_g = Conditioning(cond.hidden.clone(), {k: v.clone() for k, v in cond.extra.items()})
+        with self.family.placed():  # null-text: gradients through the UNet (inversions.py turns them on)
             result.null_embeddings = null_text_embeddings(
-                lambda u: _GuidedEps(self, cond_g, u, self.guidance),
+                self.unet_eps,
+                cond,
                 uncond,
+                self.guidance,
                 self.solver,
                 inv.grid,
                 pivot,

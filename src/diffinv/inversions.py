@@ -57,9 +57,48 @@ def direct_offsets(model: EpsModel, solver: Solver, grid: Grid, pivot: list[Tens
     return compute_offsets(solver, Field(model, grid.schedule), grid, pivot)
 
 
+DenoiseFn = Callable[[Tensor, Tensor, Conditioning], Tensor]
+
+
+def _detached(c: Conditioning) -> Conditioning:
+    """A normal (not inference-mode) copy of ``c``, so that autograd may save it."""
+    return Conditioning(c.hidden.detach().clone(), {k: v.detach().clone() for k, v in c.extra.items()})
+
+
+class _NullTextEps:
+    """``eps_u + w (eps_c - eps_u)`` with the unconditional branch on the embedding being optimised.
+
+    As the official ``null_optimization``, the conditional branch gets no gradient where the latent carries none
+    and is computed once per latent (every inner step of a DDIM step sees the same latent); at later stages of a
+    Runge-Kutta step the latent depends on the embedding and both branches are differentiated.
+    """
+
+    def __init__(self, denoise: DenoiseFn, cond: Conditioning, guidance: float):
+        self.denoise, self.cond, self.guidance = denoise, cond, float(guidance)
+        self.uncond: Conditioning | None = None
+        self._cached: tuple[Tensor, float, Tensor] | None = None
+
+    def _cond_eps(self, x: Tensor, t: Tensor) -> Tensor:
+        if x.requires_grad:
+            return self.denoise(x, t, self.cond)
+        hit = self._cached
+        if hit is None or hit[0] is not x or hit[1] != float(t):
+            with torch.no_grad():
+                hit = (x, float(t), self.denoise(x, t, self.cond))
+            self._cached = hit
+        return hit[2]
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        eps_c = self._cond_eps(x, t)
+        eps_u = self.denoise(x, t, self.uncond)
+        return eps_u + self.guidance * (eps_c - eps_u)
+
+
 def null_text_embeddings(
-    guided: Callable[[Conditioning], EpsModel],
+    denoise: DenoiseFn,
+    cond: Conditioning,
     uncond: Conditioning,
+    guidance: float,
     solver: Solver,
     grid: Grid,
     pivot: list[Tensor],
@@ -70,35 +109,39 @@ def null_text_embeddings(
 ) -> Tensor:
     """Null-text inversion: the optimised unconditional text states per generation step, ``(steps, N, L, D)``.
 
-    ``guided(uncond)`` is the guided eps-model with the unconditional conditioning ``uncond``. Runs with
-    gradients on, whatever the caller's mode; only the embedding gets gradients (not the model's weights).
+    ``denoise(x, t, conditioning)`` is the denoiser's eps prediction, ``cond``/``uncond`` the source prompts' and
+    the null prompt's conditioning, ``guidance`` the CFG scale the edit will use, ``pivot[k]`` the guidance-1
+    inversion at grid index ``k``. Runs with gradients on whatever the caller's mode (``torch.inference_mode()``
+    or ``torch.no_grad()`` included); only the embedding gets gradients, not the model's weights.
+    Beyond 100 steps the official learning-rate decay reaches 0: those steps keep the carried embedding.
     """
     check_one_step(solver, "null-text inversion")
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
+        raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
     from tqdm.auto import tqdm
 
     out = []
     with torch.inference_mode(False), torch.enable_grad():
-        pivot = [p.clone() for p in pivot]
-        emb = uncond.hidden.clone().to(torch.float32)
-        extra = {k: v.clone() for k, v in uncond.extra.items()}
-        dtype = uncond.hidden.dtype
+        model = _NullTextEps(denoise, _detached(cond), guidance)
+        pivot = [p.detach().clone() for p in pivot]
+        base = _detached(uncond)
+        dtype = base.hidden.dtype
+        emb = base.hidden.to(torch.promote_types(dtype, torch.float32))  # Adam on fp16 values would stall
         x = pivot[0]
         for k in tqdm(range(grid.steps), desc="null-text", leave=False, disable=not progress):
             emb = emb.detach().clone().requires_grad_(True)
-            opt = torch.optim.Adam([emb], lr=lr * (1.0 - k / 100.0))
-            target = pivot[k + 1]
+            opt = torch.optim.Adam([emb], lr=max(lr * (1.0 - k / 100.0), 0.0))
             for _ in range(inner_steps):
-                field = Field(guided(Conditioning(emb.to(dtype), extra)), grid.schedule)
-                moved = solver.step(field, grid, k, State(x)).x
-                loss = F.mse_loss(moved, target)
-                (grad,) = torch.autograd.grad(loss, [emb])
-                emb.grad = grad
+                model.uncond = Conditioning(emb.to(dtype), base.extra)
+                field = Field(model, grid.schedule)
+                loss = F.mse_loss(solver.step(field, grid, k, State(x)).x, pivot[k + 1])
+                (emb.grad,) = torch.autograd.grad(loss, [emb])
                 opt.step()
                 if loss.item() < epsilon + k * 2e-5:
                     break
             emb = emb.detach()
             out.append(emb.to(dtype))
             with torch.no_grad():
-                field = Field(guided(Conditioning(emb.to(dtype), extra)), grid.schedule)
-                x = solver.step(field, grid, k, State(x)).x.detach()
+                model.uncond = Conditioning(emb.to(dtype), base.extra)
+                x = solver.step(Field(model, grid.schedule), grid, k, State(x)).x
     return torch.stack(out)
