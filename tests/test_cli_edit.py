@@ -109,6 +109,18 @@ def test_edit_with_a_lora_file_merged_or_unmerged(setup, capsys):
     assert np.abs(outs["merged"] - plain).max() > 1  # the LoRA changed the edit
 
 
+@pytest.mark.parametrize("inversion", ["null-text", "direct"])
+def test_edit_with_a_pivot_inversion(setup, inversion, capsys):
+    """Null-text inversion runs under the command's inference mode (it turns gradients on for itself)."""
+    out = setup / inversion / "edit.png"
+    rc = _edit(
+        setup, "--solver", "ddim", "--guidance", "7.5", "--inversion", inversion, "--target", "a dog", "--out", str(out)
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert Image.open(out).size == (64, 64)
+    assert json.loads((setup / inversion / "edit.json").read_text())["settings"]["inversion"] == inversion
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -126,6 +138,10 @@ def test_edit_with_a_lora_file_merged_or_unmerged(setup, capsys):
         (["--out", "photo.png"], "overwrite"),
         (["--out", "edit.xyz"], "suffix"),
         (["--smoothing", "blur"], "--smoothing"),
+        (["--inversion", "nope"], "--inversion"),
+        (["--inversion", "direct", "--solver", "edict"], "DirectInversion needs a one-step solver"),
+        (["--inversion", "null-text", "--solver", "dpmpp_2m"], "null-text inversion needs a one-step solver"),
+        (["--inversion", "null-text", "--smoothing", "npi"], "does not combine with smoothing npi"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(setup, capsys, args, message, monkeypatch):

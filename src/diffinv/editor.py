@@ -33,7 +33,7 @@ from .devices import check_device
 from .families import Conditioning, family_for_model, family_of
 from .fields import EpsModel, as_eps_model
 from .images import RESIZE_MODES, ImageLike, load_image, pil_to_tensor, tensor_to_pil
-from .inversions import INVERSION_METHODS, direct_offsets, null_text_embeddings, pivot_inversion
+from .inversions import check_method, direct_offsets, null_text_embeddings, pivot_inversion
 from .runtime import check_options, configure
 from .smoothing import SMOOTH_LORA_ID, ProximalGuidance, load_lora, parse_smoothing
 from .solve import Inversion, generate, invert
@@ -390,8 +390,7 @@ class Editor:
         self, latent: Tensor, prompt: str | Sequence[str], method: str = "plain", **method_options: Any
     ) -> EditInversion:
         """Invert clean latents ``(N, C, h, w)`` (VAE space, scaled) with their source prompts."""
-        if method not in INVERSION_METHODS:
-            raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(INVERSION_METHODS)}")
+        check_method(method, self.solver, self.smoothing)
         if method != "plain":
             return self._pivot_inversion(latent, prompt, method, **method_options)
         if method_options:
@@ -446,8 +445,6 @@ class Editor:
     ) -> EditInversion:
         """Null-text inversion or DirectInversion (:mod:`diffinv.inversions`): a pivot at guidance 1, then the
         per-step embeddings or differences that make the guided (``guidance``) source branch land on it."""
-        if self.npi or self.proximal is not None:
-            raise ValueError(f"inversion {method} does not combine with smoothing npi/proximal")
         unknown = sorted(set(options) - ({"inner_steps", "epsilon", "lr"} if method == "null-text" else set()))
         if unknown:
             accepted = "null-text takes inner_steps, epsilon, lr"

@@ -17,7 +17,7 @@ Coupled, two-step and multistep solvers are refused (:func:`diffinv.controls.dir
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -30,12 +30,29 @@ from .fields import EpsModel, Field
 from .solve import Inversion, invert
 from .solvers import Grid, Solver, State
 
-__all__ = ["INVERSION_METHODS", "direct_offsets", "null_text_embeddings", "pivot_inversion"]
+__all__ = ["INVERSION_METHODS", "check_method", "direct_offsets", "null_text_embeddings", "pivot_inversion"]
 
 INVERSION_METHODS = ("plain", "null-text", "direct")
 NTI_INNER_STEPS = 10
 NTI_EPSILON = 1e-5
 NTI_LR = 1e-2
+_METHOD_NAMES = {"null-text": "null-text inversion", "direct": "DirectInversion"}
+
+
+def check_method(method: str, solver: Solver, smoothing: Sequence[str] = ()) -> None:
+    """Refuse an unknown inversion ``method`` or one that does not combine with ``solver``/``smoothing``
+    (a ``ValueError`` with a one-line reason), before anything is loaded or computed."""
+    if method not in INVERSION_METHODS:
+        raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(INVERSION_METHODS)}")
+    if method == "plain":
+        return
+    check_one_step(solver, _METHOD_NAMES[method])
+    clash = [s for s in smoothing if s in ("npi", "proximal")]
+    if clash:
+        raise ValueError(
+            f"inversion {method} does not combine with smoothing {', '.join(clash)} (both replace the null branch "
+            "or the inversion path)"
+        )
 
 
 def pivot_inversion(

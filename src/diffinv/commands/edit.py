@@ -11,6 +11,7 @@ from typing import Any
 
 from ..devices import check_device
 from ..images import check_output_path, image_grid, load_image, psnr, save_image
+from ..inversions import INVERSION_METHODS, check_method
 from ..smoothing import SMOOTHINGS
 from ..solvers import SPACING_CHOICES, get_solver
 from . import add_runtime_arguments, parse_key_values, runtime_options
@@ -46,6 +47,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--strength", type=float, default=1.0, help="inversion depth in (0, 1] (default 1: full)")
     p.add_argument("--guidance", type=float, default=None, help="editing CFG scale (default 3; 7.5 with npi)")
     p.add_argument("--inversion-guidance", type=float, default=None, help="inversion CFG scale (default: --guidance)")
+    p.add_argument(
+        "--inversion",
+        choices=INVERSION_METHODS,
+        default="plain",
+        help="plain (default: the solver's inversion at --inversion-guidance), null-text (Mokady et al.: per-step "
+        "null embeddings optimised for --guidance) or direct (DirectInversion: per-step source-branch offsets; "
+        "with --control p2p); null-text and direct need a one-step solver (ddim, euler, heun, rk4, ees25, ees27, ...)",
+    )
     p.add_argument("--negative-prompt", default="", help="unconditional prompt (default: empty)")
     p.add_argument(
         "--smoothing", nargs="+", action="extend", choices=SMOOTHINGS, default=[], help="smoothing strategies"
@@ -119,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     image = Path(args.image)
     load_image(image)  # fail fast on a missing or corrupt file, before loading a model
     options = parse_key_values(args.solver_option, "--solver-option")
-    get_solver(args.solver, **options)  # unknown solver or option: fail before loading a model
+    # unknown solver or option, or an inversion it does not take: fail before loading a model
+    check_method(args.inversion, get_solver(args.solver, **options), args.smoothing)
     paths = output_paths(image, args.out, len(args.target))
     grid_path = paths[0].with_name(f"{_stem(args, image)}_grid.png")
     for p in [*paths, *([grid_path] if args.grid else [])]:
@@ -139,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()  # its "Loading weights" bar
     model = args.model or DEFAULT_MODEL
-    with torch.inference_mode():
+    with torch.no_grad():  # weights as normal tensors: null-text inversion differentiates through the UNet
         editor = Editor.from_pretrained(
             model,
             dtype=dtype,
@@ -161,8 +171,9 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             **runtime_options(args),
         )
+    with torch.inference_mode():  # everything else (null-text inversion turns gradients on for itself)
         record = _provenance(args, editor, model, image)
-        inv = editor.invert(image, args.source, generator=generator)
+        inv = editor.invert(image, args.source, generator=generator, method=args.inversion)
         edits = editor.edit(inv, args.target)
         record["outputs"] = {}
         for img, path, target in zip(edits, paths, args.target):
@@ -195,5 +206,5 @@ def _provenance(args: argparse.Namespace, editor: Any, model: str, image: Path) 
     from ..provenance import editor_settings, record
 
     settings = editor_settings(editor, model, lora=args.lora, lora_merge=not args.lora_unmerged)
-    settings.update(runtime_options(args))
+    settings.update(runtime_options(args), inversion=args.inversion)
     return record(str(image), args.source, settings, model, seed=args.seed)
