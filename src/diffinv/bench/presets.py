@@ -74,6 +74,20 @@ def _solver_runs(**common: Any) -> dict[str, dict[str, Any]]:
     return {s: {"solver": s, **common} for s in MAIN_SOLVERS}
 
 
+# PnPInversion's P2P rows (run_editing_p2p.py, models/p2p_editor.py): guidance 7.5, P2P's defaults (cross 0.4,
+# self 0.6, PIE-Bench's blend words); its DDIM inverts as NullInversion.next_step does (eps at the noisier
+# timestep) at guidance 1, which null-text, DirectInversion and NPI use as their pivot.
+P2P_GUIDANCE = 7.5
+OFFICIAL_DDIM = {"solver": "ddim", "solver_options": {"inversion_timestep": "target"}}
+PIE_P2P_ROWS = {
+    "ddim+p2p": {**OFFICIAL_DDIM, "inversion_guidance": 1.0},
+    "null-text-inversion+p2p": {**OFFICIAL_DDIM, "inversion": "null-text"},
+    "directinversion+p2p": {**OFFICIAL_DDIM, "inversion": "direct"},
+    "negative-prompt-inversion+p2p": {**OFFICIAL_DDIM, "smoothing": ["npi"]},
+    **{f"{s}+p2p": {"solver": s} for s in ("ees27", "edict", "bdia", "belm", "rex")},
+}
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -120,6 +134,12 @@ PRESETS: dict[str, Preset] = {
                 for form in ("t", "lambda-eps", "lambda-x", "sigma")
                 for spacing in ("lambda", "time", "sigma")
             },
+        ),
+        Preset(
+            "pie-p2p",
+            "PnPInversion's PIE-Bench table: DDIM, null-text, DirectInversion and NPI with Prompt-to-Prompt, and each "
+            "main solver with P2P (guidance 7.5, P2P defaults; official model: SD 1.4/1.5 at 50 steps)",
+            {name: {**run, "control": "p2p", "guidance": P2P_GUIDANCE} for name, run in PIE_P2P_ROWS.items()},
         ),
         Preset(
             "smoothing",

@@ -164,6 +164,8 @@ def _describe(run: Run) -> dict[str, Any]:
         "spacing": config.get("spacing"),
         "guidance": "" if guidance is None else guidance,
         "smoothing": "+".join(config.get("smoothing") or []) or "none",
+        "inversion": config.get("inversion") or "plain",
+        "control": config.get("control") or "none",
         "prompts": config.get("prompts"),
         "model": config.get("model"),
     }
@@ -221,7 +223,7 @@ def write_report(
         "inf, so a published finite PSNR had none: compare only rows with inf = 0). `recon *` columns score the "
         "reconstruction (source prompt) against the source image.",
         "",
-        _markdown(overall, ["run", "solver", "spacing", "guidance", "smoothing"], columns),
+        _markdown(overall, ["run", "solver", "spacing", "guidance", "smoothing", "inversion", "control"], columns),
         "",
         "## Per edit type",
         "",

@@ -49,6 +49,7 @@ import torch
 from PIL import Image
 
 from ..devices import check_device
+from ..inversions import check_method
 from ..metrics import METRICS, RECON_METRICS, MetricSuite, align_edit, parse_metrics, reconstruction_metrics
 from ..smoothing import parse_smoothing
 from ..solve import SolverDivergence
@@ -69,6 +70,8 @@ __all__ = [
     "select_records",
     "write_table",
 ]
+
+CONTROLS = (None, "p2p")  # the editing controls a run may ask for (Editor.edit)
 
 RECON_COLUMNS = (*RECON_METRICS, "recon_latent_rmse")
 COLUMNS = ("image_id", "editing_type_id", *METRICS, *RECON_COLUMNS, "diverged")
@@ -109,6 +112,8 @@ class RunConfig:
     guidance: float | None = None
     inversion_guidance: float | None = None
     smoothing: list[str] = field(default_factory=list)
+    inversion: str = "plain"  # or "null-text" / "direct" (diffinv.inversions)
+    control: str | None = None  # "p2p": Prompt-to-Prompt
     editor_options: dict[str, Any] = field(default_factory=dict)
     dtype: str = "auto"  # fp16 on CUDA, fp32 elsewhere
     seed: int = 1234  # the official scripts' per-image seed
@@ -138,7 +143,9 @@ class RunConfig:
             raise ValueError(f"reconstruct must be true or false, got {self.reconstruct!r}")
         solver = get_solver(self.solver, **(self.solver_options or {}))  # unknown solver or bad option: ValueError
         self.spacing = resolve_spacing(solver, self.spacing)
-        parse_smoothing(self.smoothing)
+        check_method(self.inversion, solver, parse_smoothing(self.smoothing))
+        if self.control not in CONTROLS:
+            raise ValueError(f"unknown control {self.control!r}; choose p2p or none")
         self.metrics = list(parse_metrics(self.metrics))
         self.smoothing = list(self.smoothing or [])
         self.solver_options = dict(self.solver_options or {})
@@ -523,8 +530,10 @@ def _run_one(
     row: dict[str, Any] = {"image_id": record.id, "editing_type_id": record.edit_type}
     columns = score_columns(config.metrics, config.reconstruct)
     try:
-        inversion = editor.invert(image, source_prompt)
-        edited = editor.edit(inversion, [target_prompt])[0]
+        # the pivot inversions and P2P only where asked, so that any EditorLike runs the plain settings
+        method = {"method": config.inversion} if config.inversion != "plain" else {}
+        inversion = editor.invert(image, source_prompt, **method)
+        edited = editor.edit(inversion, [target_prompt], **({"control": config.control} if config.control else {}))[0]
         recon, latent_rmse = _reconstruct(editor, inversion) if config.reconstruct else (None, None)
     except SolverDivergence as err:
         nan = dict.fromkeys((*columns, *(["recon_latent_rmse"] if config.reconstruct else [])), math.nan)

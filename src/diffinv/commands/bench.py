@@ -37,6 +37,10 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--guidance", type=float, help="editing CFG scale (default 3; 7.5 with npi)")
     p.add_argument("--inversion-guidance", type=float, help="CFG scale while inverting (default: --guidance)")
+    p.add_argument(
+        "--inversion",
+        help="plain (default), null-text or direct (DirectInversion, with P2P); the last two need a one-step solver",
+    )
     p.add_argument("--smoothing", nargs="*", help="smoothing strategies: npi, proximal, smooth-lora (default: none)")
     p.add_argument(
         "--editor-option",
@@ -113,7 +117,6 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
         **{key: RUN_DEFAULTS[key] if value is None else value for key, value in given.items()},
         "steps": args.steps,
-        "inversion_guidance": args.inversion_guidance,
         "editor_options": parse_key_values(args.editor_option, "--editor-option"),
         "dtype": args.dtype,
         "seed": args.seed,
@@ -192,6 +195,8 @@ PRESET_KEYS = {
     "solver_options": "solver_option",
     "spacing": "spacing",
     "guidance": "guidance",
+    "inversion_guidance": "inversion_guidance",
+    "inversion": "inversion",
     "smoothing": "smoothing",
     "prompts": "prompts",
 }
@@ -200,6 +205,8 @@ RUN_DEFAULTS = {
     "solver_options": [],
     "spacing": "auto",
     "guidance": None,
+    "inversion_guidance": None,
+    "inversion": "plain",
     "smoothing": [],
     "prompts": "standard",
 }
