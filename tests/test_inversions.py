@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as nnf
-from tiny import damp_unet, tiny_sd_pipe, tiny_text_sd_pipe
+from tiny import damp_unet, tiny_sd_pipe, tiny_sdxl_pipe, tiny_text_sd_pipe
 
 import diffinv
 from diffinv.solvers import get_solver, list_solvers
@@ -291,6 +291,25 @@ def test_direct_inversion_source_branch_ends_on_the_source(pipe64, solver):
     assert (editor.control.source_result - x).abs().max().item() <= 1e-8
     plain = editor.reconstruct(dataclasses.replace(inv, offsets=None), output_type="latent")
     assert (plain - x).abs().max().item() > 1e-4  # without them the guided pass misses
+
+
+def test_both_inversions_on_sdxl():
+    """SDXL: the pooled embedding and time ids stay the null prompt's; the text states are optimised."""
+    pipe = tiny_sdxl_pipe().to(torch.float64)
+    damp_unet(pipe.unet)
+    editor = diffinv.Editor(pipe, solver="ddim", steps=3, guidance=7.5, **F64)
+    x = latent(6)
+    inv = editor.invert_latent(x, SOURCE, method="direct")
+    assert (editor.reconstruct(inv, output_type="latent") - x).abs().max().item() <= 1e-8
+    editor.edit(inv, [TARGET], output_type="latent", control="p2p")
+    assert (editor.control.source_result - x).abs().max().item() <= 1e-8
+    nti = editor.invert_latent(x, SOURCE, method="null-text")
+    assert nti.null_embeddings.shape == (3, 1, 77, 64)
+    edited = editor.edit(nti, [TARGET], output_type="latent", control="p2p")
+    plain_null = editor.edit(
+        dataclasses.replace(nti, null_embeddings=None), [TARGET], output_type="latent", control="p2p"
+    )
+    assert (edited - plain_null).abs().max().item() > 1e-6
 
 
 @pytest.mark.parametrize("solver", REFUSED)
