@@ -8,7 +8,8 @@ keeping the latent at every grid index. Then, along the generation direction wit
   with Adam (lr ``1e-2 * (1 - k / 100)``, at most ``inner_steps`` = 10 updates, stop once the loss is below
   ``epsilon + k * 2e-5``, ``epsilon`` = 1e-5) so that the guided step from the current latent lands on the pivot;
   the embedding carries over to the next step and the current latent follows the guided step with the optimised
-  embedding. Gradients flow through the whole solver step, so any one-step solver works (RK stages included).
+  embedding. Gradients flow through the whole solver step, so any one-step solver works (RK stages included)
+  where its own step is accurate at guidance 1 (no embedding corrects a far-off step).
 * **DirectInversion** (Ju et al., ICLR 2024): the differences ``pivot_{k+1} - step(pivot_k)``
   (:mod:`diffinv.controls.direct`).
 
