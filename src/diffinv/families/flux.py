@@ -47,6 +47,10 @@ class Flux(FlowFamily):
     pipelines = ("FluxPipeline", "FluxImg2ImgPipeline")
     true_cfg = False
 
+    def __init__(self, pipe: Any):
+        super().__init__(pipe)
+        self._ids: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+
     @classmethod
     def matches(cls, pipe: Any) -> bool:
         return type(getattr(pipe, "transformer", None)).__name__ == "FluxTransformer2DModel"
@@ -113,8 +117,19 @@ class Flux(FlowFamily):
             guidance=guidance,
             pooled_projections=cond.extra["pooled"],
             encoder_hidden_states=cond.hidden,
-            txt_ids=torch.zeros(cond.hidden.shape[1], 3, device=device, dtype=dtype),
-            img_ids=self.pipe._prepare_latent_image_ids(n, h // 2, w // 2, device, dtype),
+            **self.position_ids(h, w, cond.hidden.shape[1], device, dtype),
             return_dict=False,
         )[0]
         return unpack_latents(out, h, w).to(x.dtype)
+
+    def position_ids(
+        self, h: int, w: int, text_len: int, device: torch.device, dtype: torch.dtype
+    ) -> dict[str, Tensor]:
+        """The transformer's ``img_ids`` (row, column of each 2x2 patch) and ``txt_ids`` (zeros), as the pipeline
+        makes them; kept per shape, as every solver stage asks for the same ones."""
+        key = (h, w, text_len, device, dtype)
+        if key not in self._ids:
+            img = self.pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
+            self._ids[key] = (img, torch.zeros(text_len, 3, device=device, dtype=dtype))
+        img, txt = self._ids[key]
+        return {"img_ids": img, "txt_ids": txt}
