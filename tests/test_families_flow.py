@@ -247,3 +247,12 @@ def test_cli_bench_on_flux(folders, tmp_path, capsys, solver):
     assert cli.main([*argv, "--editor-option", "size=[64,64]"]) == 0, capsys.readouterr().err
     assert len(list((out / "edited").glob("*.png"))) == 2 and len(list((out / "recon").glob("*.png"))) == 2
     assert (out / "metrics.csv").read_text().count("\n") == 3
+
+
+def test_auto_dtype_is_the_familys_on_cuda(folders, tmp_path):
+    from diffinv.bench.runner import _auto_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _auto_dtype(str(folders / "flux"), cuda) == "bf16" and _auto_dtype(str(folders / "sd3"), cuda) == "fp16"
+    assert _auto_dtype(str(folders / "flux"), cpu) == "fp32"
+    assert _auto_dtype(str(tmp_path / "missing"), cuda) == "fp16"

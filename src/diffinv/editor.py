@@ -297,16 +297,16 @@ class Editor:
         """Load a pipeline (hub id or local folder) of a supported family and wrap it.
 
         The family comes from ``model_index.json``'s ``_class_name``. Defaults: ``device`` CUDA
-        when available, else CPU; ``dtype`` float16 on CUDA, float32 elsewhere. Weights load from
-        safetensors only, unless ``allow_pickle`` (then diffusers may fall back to ``.bin`` files, which it
-        reads with ``torch.load(weights_only=True)``; a pickled LoRA is accepted as well).
+        when available, else CPU; ``dtype`` the family's on CUDA (float16; bfloat16 for FLUX), float32 elsewhere.
+        Weights load from safetensors only, unless ``allow_pickle`` (then diffusers may fall back to ``.bin`` files,
+        which it reads with ``torch.load(weights_only=True)``; a pickled LoRA is accepted as well).
         """
         check_device(device)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype is None:
-            dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
         family = family_for_model(model)
+        if dtype is None:
+            dtype = family.cuda_dtype if torch.device(device).type == "cuda" else torch.float32
         kwargs: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": None if allow_pickle else True}
         if variant is not None:
             kwargs["variant"] = variant

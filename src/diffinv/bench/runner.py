@@ -110,7 +110,7 @@ class RunConfig:
     inversion_guidance: float | None = None
     smoothing: list[str] = field(default_factory=list)
     editor_options: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "auto"  # fp16 on CUDA, fp32 elsewhere
+    dtype: str = "auto"  # fp16 on CUDA (bf16 for FLUX), fp32 elsewhere
     seed: int = 1234  # the official scripts' per-image seed
     prompts: str = "standard"
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
@@ -178,6 +178,19 @@ class RunConfig:
 
 # Editor keywords that are RunConfig fields: an editor option may not set them behind the run's back.
 RUN_SETTINGS = {"solver", "solver_options", "steps", "spacing", "guidance", "inversion_guidance", "smoothing"}
+
+
+def _auto_dtype(model: str, device: torch.device) -> str:
+    """``dtype="auto"``: fp32 off CUDA; on CUDA the model family's dtype (fp16; bf16 for FLUX)."""
+    if device.type != "cuda":
+        return "fp32"
+    from ..families import family_for_model
+
+    try:
+        wanted = family_for_model(model).cuda_dtype
+    except ValueError:  # not a model folder this process can read: the editor factory decides
+        return "fp16"
+    return next(name for name, dtype in DTYPES.items() if dtype == wanted)
 
 
 def load_editor(config: RunConfig, device: torch.device, runtime: dict[str, Any] | None = None) -> EditorLike:
@@ -432,7 +445,7 @@ def run_bench(
 
     proc = _process(device)
     if config.dtype == "auto":
-        config = RunConfig.from_dict({**config.to_dict(), "dtype": "fp16" if proc.device.type == "cuda" else "fp32"})
+        config = RunConfig.from_dict({**config.to_dict(), "dtype": _auto_dtype(config.model, proc.device)})
     run_dir = Path(out)
     if (run_dir / CONFIG_FILE).exists():
         _claim_config(run_dir, config, dataset.root)  # a different configuration is refused before any work

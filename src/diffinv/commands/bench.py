@@ -47,7 +47,9 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--prompts", help="prompt rule: standard (default), large-deviation, greyscale")
     p.add_argument(
-        "--dtype", default="auto", help="model dtype: auto (default: fp16 on CUDA, else fp32), fp16, bf16, fp32, fp64"
+        "--dtype",
+        default="auto",
+        help="model dtype: auto (default: fp16 on CUDA, bf16 for FLUX, else fp32), fp16, bf16, fp32, fp64",
     )
     p.add_argument(
         "--seed", type=int, default=1234, help="per-image seed, as the official scripts (default: %(default)s)"

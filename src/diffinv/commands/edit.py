@@ -59,7 +59,9 @@ def add_parser(sub: Any) -> None:
         help="accept pickled (.bin/.pt) model and LoRA weights, loaded as tensors only (default: safetensors only)",
     )
     p.add_argument("--resize", choices=("crop", "pad", "stretch"), default="crop", help="fit rule (default crop)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default fp16 on CUDA, else fp32)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="model dtype (default on CUDA fp16, bf16 for FLUX; else fp32)"
+    )
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=None, help="sample the VAE posterior with this seed (default: mean)")
     p.add_argument("--out", default=None, help="output image (default: IMAGE's folder, <stem>_edit.png)")

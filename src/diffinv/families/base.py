@@ -77,8 +77,8 @@ class ModelFamily:
     ``pipelines``: the diffusers pipeline class names (``model_index.json``'s ``_class_name``) it loads, the first
     being the class it loads them with; ``smoothing``: the smoothing strategies that apply to it; ``controls``: the
     editing controls (``"p2p"``) that apply to it; ``true_cfg``: whether guidance is classifier-free guidance
-    against a negative prompt (False: guidance-distilled, see :meth:`guidance_inputs`); ``load_options``: extra
-    ``from_pretrained`` keywords.
+    against a negative prompt (False: guidance-distilled, see :meth:`guidance_inputs`); ``cuda_dtype``: the
+    model dtype on CUDA when none is asked for; ``load_options``: extra ``from_pretrained`` keywords.
     """
 
     name: ClassVar[str] = "base"
@@ -86,6 +86,7 @@ class ModelFamily:
     smoothing: ClassVar[tuple[str, ...]] = ()
     controls: ClassVar[tuple[str, ...]] = ()
     true_cfg: ClassVar[bool] = True
+    cuda_dtype: ClassVar[torch.dtype] = torch.float16
     load_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, pipe: Any):

@@ -46,6 +46,7 @@ class Flux(FlowFamily):
     name = "flux"
     pipelines = ("FluxPipeline", "FluxImg2ImgPipeline")
     true_cfg = False
+    cuda_dtype = torch.bfloat16  # FLUX's activations overflow float16, as black-forest-labs' examples note
 
     def __init__(self, pipe: Any):
         super().__init__(pipe)
