@@ -323,7 +323,7 @@ class Editor:
     # -- the model -----------------------------------------------------------------------------
     @property
     def unet(self) -> torch.nn.Module:
-        """The denoising network (a UNet for SD/SDXL)."""
+        """The denoising network (a UNet for SD/SDXL, a transformer for SD3/FLUX)."""
         return self.family.denoiser
 
     @property

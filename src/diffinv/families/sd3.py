@@ -19,12 +19,9 @@ class StableDiffusion3(FlowFamily):
     the negative prompt as in diffusers' pipeline, the scheduler's static shift (3.0 for SD3-medium) in its grid."""
 
     name = "sd3"
-    pipelines = ("StableDiffusion3Pipeline",)
+    # the img2img and inpainting pipelines carry the same parts (ControlNet ones do not)
+    pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
     smoothing = ("npi",)  # proximal guidance and the Smooth-Diffusion LoRA are SD 1.x tools
-
-    @classmethod
-    def claims(cls, class_name: str) -> bool:
-        return class_name.startswith("StableDiffusion3")
 
     @classmethod
     def matches(cls, pipe: Any) -> bool:
