@@ -519,7 +519,7 @@ class Editor:
             p2p = control if isinstance(control, PromptToPrompt) else None
             if control == "p2p":
                 steps = len(self.timesteps) - 1
-                p2p = PromptToPrompt(inv.prompts, items, self.pipe.tokenizer, steps, P2POptions(**p2p_options))
+                p2p = PromptToPrompt(inv.prompts, items, self.pipe.tokenizer, steps, P2POptions.from_dict(p2p_options))
             if p2p is None:
                 k = len(items)
                 cond = self.encode_prompts(items).index([j for _ in range(n) for j in range(k)])

@@ -5,16 +5,19 @@ processors installed on the UNet with diffusers' ``set_attn_processor`` compute 
 processor does, and in the conditional half of the classifier-free-guidance batch they hand the target branches
 the source branch's attention:
 
-* cross-attention, for the first ``cross_replace_steps`` of the grid: word swap (``"replace"``, the official
-  replacement mapper) or ``"refine"`` (the official token alignment); optional re-weighting of words
-  (``equalizer``, applied on top as the official ``AttentionReweight``);
-* self-attention, for the first ``self_replace_steps``, at layers with at most 32x32 keys (as the official code);
+* cross-attention, for the first ``cross_replace_steps`` of the grid: ``"refine"`` (the official token alignment,
+  the default: PnPInversion runs every PIE-Bench edit with it) or word swap (``"replace"``, the official replacement
+  mapper); optional re-weighting of the target's words (``equalizer``, applied on top as the official
+  ``AttentionReweight``);
+* self-attention, for the first ``self_replace_steps``, at layers with at most 32x32 queries (as the official code);
 * local blending (``blend_words``): after each step past ``blend_start``, outside the mask of the blend words'
-  cross-attention the target latent is set to the source branch's.
+  cross-attention (accumulated over the steps, as the official ``AttentionStore``) the target latent is set to the
+  source branch's.
 
 Steps are solver steps, counted by the solve loop's callback: every model call inside a step (the stages of a
-Runge-Kutta method) inherits its step's schedule. Names and defaults follow google/prompt-to-prompt and
-cure-lab/PnPInversion (``cross_replace_steps=0.4``, ``self_replace_steps=0.6``, ``th=0.3``, ``start_blend=0.2``).
+Runge-Kutta method) inherits its step's schedule. Names, defaults and step arithmetic follow google/prompt-to-prompt
+and cure-lab/PnPInversion (``cross_replace_steps=0.4`` of ``steps + 1`` as the official
+``get_time_words_attention_alpha``, ``self_replace_steps=0.6`` of ``steps``, threshold 0.3, ``start_blend=0.2``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ __all__ = [
 ]
 
 MODES = ("auto", "replace", "refine")
-SELF_REPLACE_MAX_KEYS = 32**2  # the official code replaces self-attention only at layers this small
+MAX_QUERIES = 32**2  # the official code replaces self-attention and stores cross maps only at layers this small
 
 
 def marked_words(prompt: str) -> tuple[str, ...]:
@@ -159,27 +162,37 @@ def alignment_mapper(source: str, target: str, tokenizer: Any, length: int) -> t
     return mapper, alphas
 
 
-def _step_range(value: float | Sequence[float], steps: int, what: str) -> tuple[int, int]:
-    bounds = (0.0, value) if isinstance(value, (int, float)) else tuple(value)
-    if len(bounds) != 2 or not all(isinstance(b, (int, float)) and 0 <= b <= 1 for b in bounds):
+def _fractions(value: float | Sequence[float], what: str) -> tuple[float, float]:
+    """``value`` as a ``(start, end)`` pair of fractions in [0, 1] (one number ``f`` means ``(0, f)``)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    bounds = (0.0, value) if number else tuple(value) if isinstance(value, (list, tuple)) else ()
+    ok = len(bounds) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+    if not ok or not all(0 <= b <= 1 for b in bounds) or bounds[0] > bounds[1]:
         raise ValueError(f"{what} must be a fraction in [0, 1] or a (start, end) pair of them, got {value!r}")
-    return int(bounds[0] * steps), int(bounds[1] * steps)
+    return float(bounds[0]), float(bounds[1])
+
+
+def step_window(value: float | Sequence[float], length: int) -> tuple[int, int]:
+    """The step indices ``[start, end)`` of a fraction window over ``length``, truncated as the official code."""
+    start, end = _fractions(value, "window")
+    return int(start * length), int(end * length)
 
 
 @dataclass
 class P2POptions:
     """Prompt-to-Prompt options (official defaults).
 
-    ``mode``: ``"replace"`` (word swap), ``"refine"`` (token alignment) or ``"auto"`` (replace when the prompts have
-    the same number of words, as PnPInversion's script). ``cross_replace_steps``/``self_replace_steps``: fraction of
-    the steps (or a ``(start, end)`` pair) during which the source attention is injected. ``blend_words``: ``(source
-    words, target words)`` for local blending, ``None`` = the words in ``[ ]`` markers if the prompts have them,
-    ``()`` = no blending. ``equalizer``: ``{word: weight}`` re-weighting the target's cross-attention, or one
-    number for the target blend words (PIE-Bench runs use 2). ``blend_threshold``/``blend_start``: the mask
-    threshold and the fraction of steps before blending starts.
+    ``mode``: ``"refine"`` (token alignment, the default: PnPInversion's PIE-Bench runs use it for every edit),
+    ``"replace"`` (word swap: prompts with the same number of words) or ``"auto"`` (replace when the word counts
+    match, else refine). ``cross_replace_steps``/``self_replace_steps``: fraction of the steps (or a ``(start, end)``
+    pair) during which the source attention is injected. ``blend_words``: ``(source words, target words)`` for local
+    blending, ``None`` = the words in ``[ ]`` markers if the prompts have them, ``()`` = no blending.
+    ``equalizer``: ``{word: weight}`` re-weighting the target's cross-attention, or one number for the target blend
+    words (PnPInversion's PIE-Bench runs use 2). ``blend_threshold``/``blend_start``: the mask threshold and the
+    fraction of steps before blending starts.
     """
 
-    mode: str = "auto"
+    mode: str = "refine"
     cross_replace_steps: float | tuple[float, float] = 0.4
     self_replace_steps: float | tuple[float, float] = 0.6
     blend_words: tuple[Sequence[str], Sequence[str]] | None = None
@@ -190,12 +203,32 @@ class P2POptions:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown p2p mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        for name in ("cross_replace_steps", "self_replace_steps"):
+            _fractions(getattr(self, name), name)
         for name in ("blend_threshold", "blend_start"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
-        if self.blend_words is not None and len(self.blend_words) not in (0, 2):
-            raise ValueError("blend_words must be (source words, target words)")
+        words = self.blend_words
+        if words is not None and (not isinstance(words, (list, tuple)) or len(words) not in (0, 2)):
+            raise ValueError(f"blend_words must be (source words, target words), got {words!r}")
+        eq = self.equalizer
+        values = [eq] if not isinstance(eq, dict) else list(eq.values())
+        if eq is not None and not all(_finite(v) for v in values):
+            raise ValueError(f"equalizer must be a number or {{word: number}}, got {eq!r}")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> P2POptions:
+        """The options from keywords, an unknown one named in a ``ValueError``."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown p2p option {unknown[0]!r}; accepted: {', '.join(sorted(known))}")
+        return cls(**options)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -234,8 +267,9 @@ class PromptToPrompt:
         self.length = int(length or tokenizer.model_max_length)
         self.source_prompts = [_strip(s) for s in sources]
         self.target_prompts = [_strip(t) for t in targets]
-        self.cross = _step_range(opts.cross_replace_steps, steps, "cross_replace_steps")
-        self.self_range = _step_range(opts.self_replace_steps, steps, "self_replace_steps")
+        # the official alphas have steps + 1 rows (get_time_words_attention_alpha), its self window steps
+        self.cross = step_window(opts.cross_replace_steps, steps + 1)
+        self.self_range = step_window(opts.self_replace_steps, steps)
         self.blend_from = int(opts.blend_start * steps)
         self.pairs = [
             [self._pair(s_raw, t_raw, tokenizer) for t_raw in targets] for s_raw in sources
@@ -303,24 +337,23 @@ class PromptToPrompt:
         rows = self.images * self.group
         if batch not in (rows, 2 * rows):
             return probs
-        p = probs.view(batch // rows, self.images, self.group, heads, *probs.shape[1:])
-        cond = p[-1]  # classifier-free guidance: only the conditional half is edited (as the official code)
-        if is_cross and self.blending and "mid_block" not in name:
-            self._record(name, cond)
+        small = probs.shape[1] <= MAX_QUERIES
         in_cross = self.cross[0] <= self.step < self.cross[1]
-        in_self = self.self_range[0] <= self.step < self.self_range[1] and probs.shape[-1] <= SELF_REPLACE_MAX_KEYS
-        if (is_cross and not in_cross) or (not is_cross and not in_self):
-            return probs
-        out = p.clone()
-        base = cond[:, 0]  # (images, heads, q, keys)
-        for i in range(self.images):
-            for j, pair in enumerate(self.pairs[i]):
-                target = cond[i, j + 1]
-                if is_cross:
-                    out[-1, i, j + 1] = self._cross(base[i], target, pair)
-                else:
-                    out[-1, i, j + 1] = base[i]
-        return out.view_as(probs)
+        in_self = self.self_range[0] <= self.step < self.self_range[1] and small
+        out = probs
+        if (is_cross and in_cross) or (not is_cross and in_self):
+            p = probs.view(batch // rows, self.images, self.group, heads, *probs.shape[1:])
+            cond = p[-1]  # classifier-free guidance: only the conditional half is edited (as the official code)
+            edited = p.clone()
+            for i in range(self.images):
+                for j, pair in enumerate(self.pairs[i]):
+                    new = self._cross(cond[i, 0], cond[i, j + 1], pair) if is_cross else cond[i, 0]
+                    edited[-1, i, j + 1] = new
+            out = edited.view_as(probs)
+        if is_cross and small and self.blending and "mid_block" not in name:
+            # the official store holds the maps as edited (its stored tensor is the one edited in place)
+            self._record(name, out.view(batch // rows, self.images, self.group, heads, *probs.shape[1:])[-1])
+        return out
 
     def _cross(self, base: Tensor, target: Tensor, pair: _Pair) -> Tensor:
         dt = base.dtype
