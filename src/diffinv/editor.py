@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .controls import DirectOffsets, P2POptions, PromptToPrompt
+from .controls import DirectOffsets, P2POptions, PromptToPrompt, strip_markers
 from .devices import check_device
 from .families import Conditioning, family_for_model, family_of
 from .fields import EpsModel, as_eps_model
@@ -322,8 +322,9 @@ class Editor:
         return as_eps_model(lambda *_: out, self.schedule, self.prediction_type)(x, t)
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """Text conditioning of ``prompts`` at the editor's image size."""
-        return self.family.encode_prompts(list(prompts), self.size)
+        """Text conditioning of ``prompts`` at the editor's image size; PIE-Bench's ``[ ]`` edit markers are
+        annotations (they pick P2P's blend words), never encoded."""
+        return self.family.encode_prompts([strip_markers(p) for p in prompts], self.size)
 
     def eps_model(self, prompts: str | Sequence[str], guidance: float | None = None) -> EpsModel:
         """The guided ``eps(x, t)`` for ``prompts`` with the negative prompt as unconditional branch.

@@ -39,6 +39,7 @@ __all__ = [
     "alignment_mapper",
     "marked_words",
     "replacement_mapper",
+    "strip_markers",
     "word_token_indices",
 ]
 
@@ -51,8 +52,9 @@ def marked_words(prompt: str) -> tuple[str, ...]:
     return tuple(w for group in re.findall(r"\[([^\]]*)\]", prompt) for w in group.split())
 
 
-def _strip(prompt: str) -> str:
-    return prompt.replace("[", "").replace("]", "")
+def strip_markers(text: str) -> str:
+    """The prompt without PIE-Bench's ``[ ]`` edit markers (as both official scripts do)."""
+    return text.replace("[", "").replace("]", "")
 
 
 def word_token_indices(text: str, word: str | int, tokenizer: Any) -> list[int]:
@@ -265,8 +267,8 @@ class PromptToPrompt:
         self.group = self.k + 1
         self.steps = steps
         self.length = int(length or tokenizer.model_max_length)
-        self.source_prompts = [_strip(s) for s in sources]
-        self.target_prompts = [_strip(t) for t in targets]
+        self.source_prompts = [strip_markers(s) for s in sources]
+        self.target_prompts = [strip_markers(t) for t in targets]
         # the official alphas have steps + 1 rows (get_time_words_attention_alpha), its self window steps
         self.cross = step_window(opts.cross_replace_steps, steps + 1)
         self.self_range = step_window(opts.self_replace_steps, steps)
@@ -283,7 +285,7 @@ class PromptToPrompt:
     # -- set-up -------------------------------------------------------------------------------------
     def _pair(self, source_raw: str, target_raw: str, tokenizer: Any) -> _Pair:
         opts, length = self.options, self.length
-        src, tgt = _strip(source_raw), _strip(target_raw)
+        src, tgt = strip_markers(source_raw), strip_markers(target_raw)
         mode = opts.mode
         if mode == "auto":
             mode = "replace" if len(src.split(" ")) == len(tgt.split(" ")) else "refine"
