@@ -507,7 +507,8 @@ class Editor:
         ``control="p2p"``: Prompt-to-Prompt (:mod:`diffinv.controls.p2p`; ``p2p_options`` are
         :class:`~diffinv.controls.P2POptions`): a source branch with the source prompt runs in the same batch and
         its attention is injected into the targets; ``editor.control`` then holds the control (its
-        ``source_result`` is the source branch's latent). A direct inversion's differences go to the source branch.
+        ``source_result`` is the source branch's latent). ``[ ]`` markers in the prompts pick the blend words
+        when ``blend_words`` is not given. A direct inversion's differences go to the source branch.
         """
         if control not in CONTROLS and not isinstance(control, PromptToPrompt):
             raise ValueError(f"unknown control {control!r}; choose p2p or none")
