@@ -127,6 +127,36 @@ def official_cross_steps(bounds, num_steps):
     return set(range(start, min(end, num_steps)))
 
 
+def official_time_words_alpha(prompts, num_steps, cross_replace_steps, tokenizer, max_num_words=L):
+    """ptp_utils.get_time_words_attention_alpha (with update_alpha_time_word), as (steps + 1, targets, words)."""
+
+    def update(alpha, bounds, prompt_ind, word_inds=None):
+        if type(bounds) is float:
+            bounds = 0, bounds
+        start, end = int(bounds[0] * alpha.shape[0]), int(bounds[1] * alpha.shape[0])
+        if word_inds is None:
+            word_inds = torch.arange(alpha.shape[2])
+        alpha[:start, prompt_ind, word_inds] = 0
+        alpha[start:end, prompt_ind, word_inds] = 1
+        alpha[end:, prompt_ind, word_inds] = 0
+        return alpha
+
+    if type(cross_replace_steps) is not dict:
+        cross_replace_steps = {"default_": cross_replace_steps}
+    if "default_" not in cross_replace_steps:
+        cross_replace_steps["default_"] = (0.0, 1.0)
+    alpha = torch.zeros(num_steps + 1, len(prompts) - 1, max_num_words)
+    for i in range(len(prompts) - 1):
+        alpha = update(alpha, cross_replace_steps["default_"], i)
+    for key, item in cross_replace_steps.items():
+        if key != "default_":
+            inds = [official_word_inds(prompts[i], key, tokenizer) for i in range(1, len(prompts))]
+            for i, ind in enumerate(inds):
+                if len(ind) > 0:
+                    alpha = update(alpha, item, i, ind)
+    return alpha
+
+
 SWAPS = [
     ("a cat on a mat", "a dog on a mat"),  # same token count
     ("a cat on a mat", "a horse on a mat"),  # the swapped word spans more tokens
@@ -190,6 +220,21 @@ def test_step_windows_match_the_official(tok, steps, fraction):
     assert p2p.self_range == (int(0.0 * steps), int(0.6 * steps))  # AttentionControlEdit.num_self_replace
     p2p = PromptToPrompt(["a cat"], ["a dog"], tok, steps, P2POptions(self_replace_steps=fraction))
     assert p2p.self_range == (int(bounds[0] * steps), int(bounds[1] * steps))
+
+
+@pytest.mark.parametrize(
+    "windows", [{"default_": 0.4, "dog": (0.2, 0.8)}, {"dog": 0.5, "mat": (0.0, 0.3)}, {"default_": (0.1, 0.9)}]
+)
+def test_per_word_cross_windows_match_the_official_alphas(tok, windows):
+    prompts = ["a cat on a mat", "a dog on a mat", "a big dog"]
+    p2p = PromptToPrompt(prompts[:1], prompts[1:], tok, 10, P2POptions(cross_replace_steps=dict(windows)))
+    want = official_time_words_alpha(prompts, 10, dict(windows), tok)
+    for j, pair in enumerate(p2p.pairs[0]):
+        alpha = pair.cross_alpha
+        if alpha is None:  # one window for every token: p2p.cross
+            alpha = torch.zeros(11, L)
+            alpha[slice(*p2p.cross)] = 1
+        assert torch.equal(alpha.float(), want[:, j])
 
 
 # -- in the editor ----------------------------------------------------------------------------------------------
@@ -293,6 +338,25 @@ def test_full_cross_replacement_gives_every_target_map_the_source_maps(sd, mode,
             assert torch.allclose(tgt[..., ~keep], src[..., mapper[~keep]], rtol=0, atol=1e-15)
             assert torch.equal(tgt[..., keep], own[..., keep]) and keep.sum() == 3  # "big"
         assert probs.shape[0] == cfg * rows * heads
+
+
+def test_a_word_with_its_own_window_keeps_its_own_map_outside_it(sd):
+    editor = diffinv.Editor(sd, solver="ddim", steps=3, **F64)
+    inv = editor.invert_latent(latent(3), "a cat on a mat")
+    windows = {"default_": 1.0, "dog": (0.0, 0.0)}
+    p2p = control(editor, ["a cat on a mat"], ["a dog on a mat"], mode="replace", cross_replace_steps=windows)
+    spy = Spy(p2p, editor.unet)
+    try:
+        editor.edit(inv, ["a dog on a mat"], output_type="latent", control=p2p)
+    finally:
+        spy.close()
+    dog = torch.tensor(word_token_indices("a dog on a mat", "dog", editor.pipe.tokenizer))
+    rest = torch.ones(L, dtype=torch.bool)
+    rest[dog] = False
+    for _, _, _, is_cross, heads, probs, out in spy.calls:
+        if is_cross:
+            p, o = (v.view(2, 1, 2, heads, *probs.shape[1:])[1, 0] for v in (probs, out))
+            assert torch.equal(o[1][..., dog], p[1][..., dog]) and torch.equal(o[1][..., rest], o[0][..., rest])
 
 
 def test_local_blend_keeps_the_source_outside_the_mask(sd):

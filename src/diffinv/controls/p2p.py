@@ -187,15 +187,18 @@ class P2POptions:
     ``mode``: ``"refine"`` (token alignment, the default: PnPInversion's PIE-Bench runs use it for every edit),
     ``"replace"`` (word swap: prompts with the same number of words) or ``"auto"`` (replace when the word counts
     match, else refine). ``cross_replace_steps``/``self_replace_steps``: fraction of the steps (or a ``(start, end)``
-    pair) during which the source attention is injected. ``blend_words``: ``(source words, target words)`` for local
-    blending, ``None`` = the words in ``[ ]`` markers if the prompts have them, ``()`` = no blending.
+    pair) during which the source attention is injected; ``cross_replace_steps`` may also be the official per-word
+    dict ``{"default_": window, word: window, ...}`` (a target word's tokens get their own window; without
+    ``"default_"`` the other tokens are injected at every step, as the official code). ``blend_words``: ``(source
+    words, target words)`` for local blending, ``None`` = the words in ``[ ]`` markers if the prompts have them,
+    ``()`` = no blending.
     ``equalizer``: ``{word: weight}`` re-weighting the target's cross-attention, or one number for the target blend
     words (PnPInversion's PIE-Bench runs use 2). ``blend_threshold``/``blend_start``: the mask threshold and the
     fraction of steps before blending starts.
     """
 
     mode: str = "refine"
-    cross_replace_steps: float | tuple[float, float] = 0.4
+    cross_replace_steps: float | tuple[float, float] | dict[str, float | tuple[float, float]] = 0.4
     self_replace_steps: float | tuple[float, float] = 0.6
     blend_words: tuple[Sequence[str], Sequence[str]] | None = None
     equalizer: dict[str, float] | float | None = None
@@ -205,8 +208,10 @@ class P2POptions:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown p2p mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        for name in ("cross_replace_steps", "self_replace_steps"):
-            _fractions(getattr(self, name), name)
+        cross = self.cross_replace_steps
+        for key, window in cross.items() if isinstance(cross, dict) else [(None, cross)]:
+            _fractions(window, "cross_replace_steps" + ("" if key is None else f"[{key!r}]"))
+        _fractions(self.self_replace_steps, "self_replace_steps")
         for name in ("blend_threshold", "blend_start"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
@@ -243,6 +248,7 @@ class _Pair:
     equalizer: Tensor | None  # (L,)
     blend_source: Tensor  # (L,) 0/1 token selection of the source blend words
     blend_target: Tensor
+    cross_alpha: Tensor | None = None  # (steps + 1, L) per-token cross windows, only with per-word windows
 
 
 class PromptToPrompt:
@@ -270,7 +276,9 @@ class PromptToPrompt:
         self.source_prompts = [strip_markers(s) for s in sources]
         self.target_prompts = [strip_markers(t) for t in targets]
         # the official alphas have steps + 1 rows (get_time_words_attention_alpha), its self window steps
-        self.cross = step_window(opts.cross_replace_steps, steps + 1)
+        cross = opts.cross_replace_steps
+        self.cross_words = dict(cross) if isinstance(cross, dict) else {"default_": cross}
+        self.cross = step_window(self.cross_words.pop("default_", (0.0, 1.0)), steps + 1)
         self.self_range = step_window(opts.self_replace_steps, steps)
         self.blend_from = int(opts.blend_start * steps)
         self.pairs = [
@@ -307,7 +315,22 @@ class PromptToPrompt:
             equalizer = torch.ones(length, dtype=torch.float64)
             for word, value in weights.items():
                 equalizer[word_token_indices(tgt, word, tokenizer)] = float(value)
-        return _Pair(mode, mapper, alphas, equalizer, blend_s, blend_t)
+        return _Pair(mode, mapper, alphas, equalizer, blend_s, blend_t, self._cross_alpha(tgt, tokenizer))
+
+    def _cross_alpha(self, target: str, tokenizer: Any) -> Tensor | None:
+        """The official ``get_time_words_attention_alpha`` of one target: the default window on every token, a
+        word's own window on its tokens; ``None`` when no word has its own window."""
+        if not self.cross_words:
+            return None
+        alpha = torch.zeros(self.steps + 1, self.length, dtype=torch.float64)
+        alpha[slice(*self.cross)] = 1.0
+        for word, window in self.cross_words.items():
+            tokens = word_token_indices(target, word, tokenizer)
+            if tokens:
+                start, end = step_window(window, self.steps + 1)
+                alpha[:, tokens] = 0.0
+                alpha[start:end, tokens] = 1.0
+        return alpha
 
     def _select(self, prompt: str, words: Sequence[str], tokenizer: Any) -> Tensor:
         sel = torch.zeros(self.length, dtype=torch.float64)
@@ -340,7 +363,7 @@ class PromptToPrompt:
         if batch not in (rows, 2 * rows):
             return probs
         small = probs.shape[1] <= MAX_QUERIES
-        in_cross = self.cross[0] <= self.step < self.cross[1]
+        in_cross = self._in_cross()
         in_self = self.self_range[0] <= self.step < self.self_range[1] and small
         out = probs
         if (is_cross and in_cross) or (not is_cross and in_self):
@@ -357,6 +380,11 @@ class PromptToPrompt:
             self._record(name, out.view(batch // rows, self.images, self.group, heads, *probs.shape[1:])[-1])
         return out
 
+    def _in_cross(self) -> bool:
+        if not self.cross_words:
+            return self.cross[0] <= self.step < self.cross[1]
+        return any(p.cross_alpha[self.step].any() for row in self.pairs for p in row if self.step <= self.steps)
+
     def _cross(self, base: Tensor, target: Tensor, pair: _Pair) -> Tensor:
         dt = base.dtype
         if pair.mode == "replace":
@@ -366,6 +394,9 @@ class PromptToPrompt:
             new = base[..., pair.mapper.to(base.device)] * alphas + target * (1 - alphas)
         if pair.equalizer is not None:
             new = new * pair.equalizer.to(base.device, dt)
+        if pair.cross_alpha is not None:
+            a = pair.cross_alpha[min(self.step, self.steps)].to(base.device, dt)
+            new = new * a + target * (1 - a)
         return new
 
     # -- local blend -------------------------------------------------------------------------------
