@@ -359,14 +359,16 @@ def test_a_word_with_its_own_window_keeps_its_own_map_outside_it(sd):
             assert torch.equal(o[1][..., dog], p[1][..., dog]) and torch.equal(o[1][..., rest], o[0][..., rest])
 
 
-def test_local_blend_keeps_the_source_outside_the_mask(sd):
-    editor = diffinv.Editor(sd, solver="edict", steps=4, **F64)
-    inv = editor.invert_latent(latent(4), "a [cat] on a mat")
+@pytest.mark.parametrize("h, w", [(8, 8), (8, 16)])
+def test_local_blend_keeps_the_source_outside_the_mask(sd, h, w):
+    editor = diffinv.Editor(sd, solver="edict", steps=4, size=(8 * h, 8 * w), **F64)
+    x = torch.randn(1, 4, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    inv = editor.invert_latent(x, "a [cat] on a mat")
     # a random text encoder attends almost uniformly: a high threshold gives a mask with cells in and out
     out = editor.edit(inv, ["a [dog] on a mat"], output_type="latent", control="p2p", blend_threshold=0.97)
     p2p = editor.control
     mask = p2p.mask[1]  # rows: (source, target) of image 0
-    assert mask.shape == (1, 8, 8) and 0 < mask.mean() < 1  # a real mask: some cells in, some out
+    assert mask.shape == (1, h, w) and 0 < mask.mean() < 1  # a real mask: some cells in, some out
     outside = mask.expand_as(out[0]) == 0
     assert torch.equal(out[0][outside], p2p.source_result[0][outside])
     assert (out[0][~outside] - p2p.source_result[0][~outside]).abs().max() > 1e-3
@@ -375,11 +377,11 @@ def test_local_blend_keeps_the_source_outside_the_mask(sd):
     alpha = torch.zeros(2, 1, 1, 1, 1, L, dtype=torch.float64)
     alpha[0, ..., official_word_inds("a cat on a mat", "cat", tok)] = 1
     alpha[1, ..., official_word_inds("a dog on a mat", "dog", tok)] = 1
-    maps = torch.stack([m[0] for m in p2p.maps.values()], 1)  # (batch, layers, q, L): every layer is 4x4 here
-    maps = maps.reshape(2, -1, 1, 4, 4, L)
+    maps = torch.stack([m[0] for m in p2p.maps.values()], 1)  # (batch, layers, q, L): every layer at half size
+    maps = maps.reshape(2, -1, 1, h // 2, w // 2, L)
     m = (maps * alpha).sum(-1).mean(1)
     m = torch.nn.functional.max_pool2d(m, (3, 3), (1, 1), padding=(1, 1))
-    m = torch.nn.functional.interpolate(m, size=(8, 8))
+    m = torch.nn.functional.interpolate(m, size=(h, w))
     m = m / m.max(2, keepdim=True)[0].max(3, keepdim=True)[0]
     m = m.gt(0.97)
     assert torch.equal((m[:1] + m)[1], mask.bool())

@@ -401,24 +401,23 @@ class PromptToPrompt:
 
     # -- local blend -------------------------------------------------------------------------------
     def _record(self, name: str, cond: Tensor) -> None:
-        side = math.isqrt(cond.shape[-2])
-        if side * side != cond.shape[-2]:
-            return
         m = cond.detach().to(torch.float64).mean(2)  # (images, group, q, keys): head mean
         self.maps[name] = m if name not in self.maps else self.maps[name] + m
 
     def _blend(self, state: Any) -> Any:
         x = state.x
         h, w = x.shape[-2:]
-        # the official layers: cross-attention at a quarter of the latent side (16x16 on 64x64), not the mid block
-        sides = {n: math.isqrt(m.shape[-2]) for n, m in self.maps.items()}
-        best = min(sides.values(), key=lambda s: (abs(math.log(s / max(h // 4, 1))), s))
-        maps = torch.stack([m for n, m in self.maps.items() if sides[n] == best]).mean(0)  # (images, group, q, L)
+        # the official layers: cross-attention at a quarter of the latent size (16x16 on 64x64), not the mid block
+        grids = {n: g for n, m in self.maps.items() if (g := _grid(m.shape[-2], h, w)) is not None}
+        if not grids:
+            return None
+        best = min(grids.values(), key=lambda g: (abs(math.log(g[0] * 4 / h)), g[0]))
+        maps = torch.stack([self.maps[n] for n, g in grids.items() if g == best]).mean(0)  # (images, group, q, L)
         masks = []
         for i in range(self.images):
             sel = [self.pairs[i][0].blend_source] + [p.blend_target for p in self.pairs[i]]
             sel = torch.stack(sel).to(maps.device, maps.dtype)  # (group, L)
-            m = (maps[i] * sel[:, None, :]).sum(-1).view(self.group, 1, best, best)
+            m = (maps[i] * sel[:, None, :]).sum(-1).view(self.group, 1, *best)
             m = F.max_pool2d(m, 3, 1, padding=1)
             m = F.interpolate(m, size=(h, w))
             m = m / m.amax((2, 3), keepdim=True).clamp_min(1e-30)
@@ -433,6 +432,18 @@ class PromptToPrompt:
             g = v.view(self.images, self.group, *v.shape[1:])
             new[n] = (g[:, :1] + mask * (g - g[:, :1])).flatten(0, 1)
         return type(state)(**{**vars(state), **new})
+
+
+def _grid(queries: int, h: int, w: int) -> tuple[int, int] | None:
+    """The ``(rows, cols)`` of an attention map with ``queries`` positions over an ``h x w`` latent (the UNet halves
+    it, rounding up, at each level), or None."""
+    f = 1
+    while f <= max(h, w):
+        rows, cols = -(-h // f), -(-w // f)
+        if rows * cols == queries:
+            return rows, cols
+        f *= 2
+    return None
 
 
 class P2PAttnProcessor:
