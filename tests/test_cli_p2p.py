@@ -110,6 +110,7 @@ def test_bench_keywords_follow_pnpinversion_per_record(setup):
     kw = edit_keywords(config, records[("cat", "dog")])
     assert kw["control"] == "p2p" and kw["blend_words"] == (("cat",), ("dog",)) and kw["equalizer"] == 2.0
     assert edit_keywords(config, records[()])["blend_words"] == ()  # no blended_word: no blend, no re-weighting
+    assert edit_keywords(config, records[("spoon",)])["blend_words"] == (("",), ("spoon",))  # " spoon": target only
     off = RunConfig(model="m", control="p2p", p2p_options={"blend": False})
     assert edit_keywords(off, records[("cat", "dog")])["blend_words"] == ()
     assert edit_keywords(RunConfig(model="m"), records[("cat", "dog")]) == {}
@@ -133,19 +134,20 @@ def test_bench_with_p2p_end_to_end(setup, capsys):
     out = setup / "bench-p2p"
     argv = ["bench", "--data", str(setup / "pie"), "--model", str(setup / "model"), "--solver", "ddim"]
     argv += ["--steps", "3", "--metrics", "psnr,mse", "--device", "cpu", "--no-progress", "--ids"]
-    argv += ["100000000001,800000000004", "--out", str(out), "--control", "p2p", "--cross-replace-steps", "0.5"]
+    argv += ["100000000001,200000000002,800000000004", "--out", str(out)]
+    argv += ["--control", "p2p", "--cross-replace-steps", "0.5"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     stored = json.loads((out / "config.json").read_text())["config"]
     assert stored["control"] == "p2p" and stored["p2p_options"]["cross_replace_steps"] == 0.5
     assert stored["p2p_options"]["equalizer"] == 2.0 and stored["p2p_options"]["blend"] is True
-    assert len(list((out / "records").glob("*.json"))) == 2
+    assert len(list((out / "records").glob("*.json"))) == 3
     # the same folder with another P2P setting is another run: refused in one line
     assert cli.main([*argv[:-1], "0.6"]) == 2
     assert "different configuration" in capsys.readouterr().err
     # the edit is the P2P edit: a run without the control edits differently
     plain = setup / "bench-plain"
     assert cli.main([*argv[: argv.index("--out")], "--out", str(plain)]) == 0
-    for name in ("100000000001.png", "800000000004.png"):
+    for name in ("100000000001.png", "200000000002.png", "800000000004.png"):
         assert np.abs(_pixels(out / "edited" / name) - _pixels(plain / "edited" / name)).max() > 0
     assert cli.main([*argv[: argv.index("--control")], "--no-blend"]) == 2  # p2p flags without the control
     assert "need control p2p" in capsys.readouterr().err

@@ -218,7 +218,8 @@ def edit_keywords(config: RunConfig, record: PieRecord) -> dict[str, Any]:
     if config.control is None:
         return {}
     options = {k: v for k, v in config.p2p_options.items() if k != "blend"}
-    words = record.blended_words
+    raw = record.raw.get("blended_word", "")
+    words = raw.split(" ") if raw else []  # as run_editing_p2p.py: " spoon" is ("", "spoon"), a target word only
     blend = config.p2p_options["blend"] and len(words) >= 2
     options["blend_words"] = ((words[0],), (words[1],)) if blend else ()
     return {"control": config.control, **options}
