@@ -356,6 +356,17 @@ class PromptToPrompt:
             self.source_result = end.x[:: self.group].clone()
         return new
 
+    def wants(self, batch: int, queries: int, is_cross: bool, name: str) -> bool:
+        """Whether a layer call needs explicit probabilities: to inject the source's or to record a blend map
+        (``batch``: rows, heads not counted). Other calls may use fused attention."""
+        rows = self.images * self.group
+        if batch not in (rows, 2 * rows):
+            return False
+        small = queries <= MAX_QUERIES
+        if not is_cross:
+            return small and self.self_range[0] <= self.step < self.self_range[1]
+        return self._in_cross() or (small and self.blending and "mid_block" not in name)
+
     def edit_attention(self, probs: Tensor, heads: int, is_cross: bool, name: str) -> Tensor:
         """The attention probabilities ``(batch * heads, queries, keys)`` with the source's injected."""
         batch = probs.shape[0] // heads
@@ -447,8 +458,8 @@ def _grid(queries: int, h: int, w: int) -> tuple[int, int] | None:
 
 
 class P2PAttnProcessor:
-    """A diffusers attention processor that computes attention explicitly and lets a :class:`PromptToPrompt`
-    edit the probabilities (the Attention module's own projections and helpers do the rest)."""
+    """A diffusers attention processor that computes attention explicitly where a :class:`PromptToPrompt` edits or
+    records the probabilities, fused elsewhere (the Attention module's own projections and helpers do the rest)."""
 
     def __init__(self, control: PromptToPrompt, name: str):
         self.control, self.name = control, name
@@ -481,9 +492,15 @@ class P2PAttnProcessor:
             context = attn.norm_encoder_hidden_states(context)
         key, value = attn.to_k(context), attn.to_v(context)
         query, key, value = (attn.head_to_batch_dim(v) for v in (query, key, value))
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        probs = self.control.edit_attention(probs, attn.heads, is_cross, self.name)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        if self.control.wants(batch, query.shape[1], is_cross, self.name):
+            probs = attn.get_attention_scores(query, key, attention_mask)
+            probs = self.control.edit_attention(probs, attn.heads, is_cross, self.name)
+            hidden_states = torch.bmm(probs, value)
+        else:  # nothing to inject or record: fused attention, as diffusers' default processor
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, scale=attn.scale
+            )
+        hidden_states = attn.batch_to_head_dim(hidden_states)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, hh, ww)
