@@ -449,3 +449,15 @@ def test_sdxl_every_attention_layer_is_hooked():
     assert {c[3] for c in spy.calls} == {True, False}
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
     assert p2p.mask is not None and p2p.pairs[0][0].equalizer.max() == 2.0
+
+
+def test_only_calls_that_inject_or_record_compute_explicit_probabilities(tok):
+    p2p = PromptToPrompt(["a [cat]"], ["a [dog]"], tok, 10)  # blend words from the markers
+    assert p2p.wants(4, 32**2, False, "up") and not p2p.wants(4, 64**2, False, "up")  # self: <= 32x32 queries
+    assert p2p.wants(4, 64**2, True, "up") and not p2p.wants(3, 16, True, "up")  # another batch: not ours
+    p2p.step = 6  # past both windows: only the blend maps (small, not the mid block) are still needed
+    assert not p2p.wants(4, 16, False, "up") and not p2p.wants(4, 64**2, True, "up")
+    assert p2p.wants(4, 16**2, True, "up") and not p2p.wants(4, 16**2, True, "mid_block.attentions.0")
+    plain = PromptToPrompt(["a cat"], ["a dog"], tok, 10)
+    plain.step = 6
+    assert not plain.wants(2, 16**2, True, "up")
