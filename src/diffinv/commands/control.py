@@ -76,12 +76,14 @@ def add_control_arguments(p: Any, bench: bool = False) -> None:
         "--blend-threshold",
         type=float,
         default=None,
+        metavar="F",
         help=f"p2p local-blend mask threshold (default {d.blend_threshold})",
     )
     p.add_argument(
         "--blend-start",
         type=float,
         default=None,
+        metavar="F",
         help=f"p2p: fraction of the steps before local blending starts (default {d.blend_start})",
     )
 
