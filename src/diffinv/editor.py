@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .controls import DirectOffsets, P2POptions, PromptToPrompt
+from .controls import DirectOffsets, P2POptions, PromptToPrompt, strip_markers
 from .devices import check_device
 from .families import Conditioning, family_for_model, family_of
 from .fields import EpsModel, FlowEpsModel, as_eps_model
@@ -348,8 +348,9 @@ class Editor:
         return FlowEpsModel(lambda *_: out, self.schedule).eps_x0(x, t)
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """Text conditioning of ``prompts`` at the editor's image size."""
-        return self.family.encode_prompts(list(prompts), self.size)
+        """Text conditioning of ``prompts`` at the editor's image size; PIE-Bench's ``[ ]`` edit markers are
+        annotations (they pick P2P's blend words), never encoded."""
+        return self.family.encode_prompts([strip_markers(p) for p in prompts], self.size)
 
     def eps_model(self, prompts: str | Sequence[str], guidance: float | None = None) -> EpsModel:
         """The guided ``eps(x, t)`` for ``prompts`` with the negative prompt as unconditional branch.
@@ -537,7 +538,8 @@ class Editor:
         ``control="p2p"``: Prompt-to-Prompt (:mod:`diffinv.controls.p2p`; ``p2p_options`` are
         :class:`~diffinv.controls.P2POptions`): a source branch with the source prompt runs in the same batch and
         its attention is injected into the targets; ``editor.control`` then holds the control (its
-        ``source_result`` is the source branch's latent). A direct inversion's differences go to the source branch.
+        ``source_result`` is the source branch's latent). ``[ ]`` markers in the prompts pick the blend words
+        when ``blend_words`` is not given. A direct inversion's differences go to the source branch.
         """
         if control not in CONTROLS and not isinstance(control, PromptToPrompt):
             raise ValueError(f"unknown control {control!r}; choose p2p or none")
@@ -552,7 +554,7 @@ class Editor:
             p2p = control if isinstance(control, PromptToPrompt) else None
             if control == "p2p":
                 steps = len(self.timesteps) - 1
-                p2p = PromptToPrompt(inv.prompts, items, self.pipe.tokenizer, steps, P2POptions(**p2p_options))
+                p2p = PromptToPrompt(inv.prompts, items, self.pipe.tokenizer, steps, P2POptions.from_dict(p2p_options))
             if p2p is None:
                 k = len(items)
                 cond = self.encode_prompts(items).index([j for _ in range(n) for j in range(k)])

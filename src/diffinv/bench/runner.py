@@ -115,6 +115,8 @@ class RunConfig:
     prompts: str = "standard"
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     reconstruct: bool = True  # also reconstruct each image (a third of the cost) and score the reconstruction
+    control: str | None = None  # "p2p": Prompt-to-Prompt (diffinv.controls.p2p)
+    p2p_options: dict[str, Any] = field(default_factory=dict)  # resolved to every option by __post_init__
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -143,6 +145,7 @@ class RunConfig:
         self.smoothing = list(self.smoothing or [])
         self.solver_options = dict(self.solver_options or {})
         self.editor_options = dict(self.editor_options or {})
+        self.p2p_options = _p2p_options(self.control, self.p2p_options)
         taken = sorted(set(self.editor_options) & RUN_SETTINGS)
         if taken:
             flag = taken[0].replace("_", "-")
@@ -178,6 +181,48 @@ class RunConfig:
 
 # Editor keywords that are RunConfig fields: an editor option may not set them behind the run's back.
 RUN_SETTINGS = {"solver", "solver_options", "steps", "spacing", "guidance", "inversion_guidance", "smoothing"}
+# PnPInversion's run_editing_p2p.py: blend on each record's blended_word (source word, target word), the target
+# word's cross-attention weighted 2; records without one get neither.
+PIEBENCH_P2P = {"blend": True, "equalizer": 2.0}
+
+
+def _p2p_options(control: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Every P2P option of a run (P2POptions' defaults, then PIE-Bench's, then the given ones), so that a default
+    and the same value given explicitly are one run; ``{}`` without the control."""
+    from dataclasses import asdict
+
+    from ..controls import P2POptions
+
+    options = dict(options or {})
+    if control not in (None, "p2p"):
+        raise ValueError(f"unknown control {control!r}; choose p2p or none")
+    if control is None:
+        if options:
+            raise ValueError(f"p2p options {', '.join(sorted(options))} need control p2p")
+        return {}
+    if "blend_words" in options:
+        raise ValueError("blend_words come from each PIE-Bench record's blended_word; give blend=false for none")
+    blend = options.pop("blend", PIEBENCH_P2P["blend"])
+    if not isinstance(blend, bool):
+        raise ValueError(f"p2p option blend must be true or false, got {blend!r}")
+    eq = options.get("equalizer", PIEBENCH_P2P["equalizer"])
+    if isinstance(eq, dict):
+        raise ValueError("p2p option equalizer in bench is one number for each record's target blend word")
+    resolved = asdict(P2POptions.from_dict({**options, "equalizer": eq}))
+    del resolved["blend_words"]
+    return json.loads(json.dumps({**resolved, "blend": blend}))
+
+
+def edit_keywords(config: RunConfig, record: PieRecord) -> dict[str, Any]:
+    """The ``Editor.edit`` keywords of a run's control for one record (none without a control)."""
+    if config.control is None:
+        return {}
+    options = {k: v for k, v in config.p2p_options.items() if k != "blend"}
+    raw = record.raw.get("blended_word", "")
+    words = raw.split(" ") if raw else []  # as run_editing_p2p.py: " spoon" is ("", "spoon"), a target word only
+    blend = config.p2p_options["blend"] and len(words) >= 2
+    options["blend_words"] = ((words[0],), (words[1],)) if blend else ()
+    return {"control": config.control, **options}
 
 
 def _auto_dtype(model: str, device: torch.device) -> str:
@@ -537,7 +582,7 @@ def _run_one(
     columns = score_columns(config.metrics, config.reconstruct)
     try:
         inversion = editor.invert(image, source_prompt)
-        edited = editor.edit(inversion, [target_prompt])[0]
+        edited = editor.edit(inversion, [target_prompt], **edit_keywords(config, record))[0]
         recon, latent_rmse = _reconstruct(editor, inversion) if config.reconstruct else (None, None)
     except SolverDivergence as err:
         nan = dict.fromkeys((*columns, *(["recon_latent_rmse"] if config.reconstruct else [])), math.nan)

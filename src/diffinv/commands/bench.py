@@ -11,6 +11,7 @@ from typing import Any
 from ..cli import CommandError, UsageError, first_line
 from ..solvers import SPACING_CHOICES
 from . import add_runtime_arguments, add_weights_argument, parse_key_values, runtime_options
+from .control import add_control_arguments, control_options
 
 
 def add_parser(sub: Any) -> None:
@@ -69,6 +70,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="skip the reconstruction (a third of the solver cost) and its recon_* columns",
     )
+    add_control_arguments(p, bench=True)
     add_weights_argument(p)
     add_runtime_arguments(p)
     p.add_argument("--preset", help="run a paper experiment (several runs, one folder each under --out)")
@@ -123,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         "reconstruct": not args.no_reconstruct,
     }
     base["solver_options"] = parse_key_values(base["solver_options"], "--solver-option")
+    base["control"] = None if base["control"] == "none" else base["control"]
+    base["p2p_options"] = control_options(args, bench=True)[1]
     if args.preset is None:
         if args.keep_going:
             raise UsageError("--keep-going needs --preset (it keeps going past a failed run)")
@@ -196,6 +200,7 @@ PRESET_KEYS = {
     "guidance": "guidance",
     "smoothing": "smoothing",
     "prompts": "prompts",
+    "control": "control",
 }
 RUN_DEFAULTS = {
     "solver": "ees27",
@@ -204,6 +209,7 @@ RUN_DEFAULTS = {
     "guidance": None,
     "smoothing": [],
     "prompts": "standard",
+    "control": None,
 }
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from ..images import check_output_path, image_grid, load_image, psnr, save_image
 from ..smoothing import SMOOTHINGS
 from ..solvers import SPACING_CHOICES, get_solver
 from . import add_runtime_arguments, parse_key_values, runtime_options
+from .control import add_control_arguments, control_options
 
 DTYPES = ("fp16", "bf16", "fp32")
 
@@ -72,6 +74,7 @@ def add_parser(sub: Any) -> None:
         "captioned",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_control_arguments(p)
     add_runtime_arguments(p)
     p.set_defaults(func=run)
 
@@ -118,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from ..editor import DEFAULT_MODEL, Editor
 
     _check_args(args)
+    control, p2p_options = control_options(args)
     image = Path(args.image)
     load_image(image)  # fail fast on a missing or corrupt file, before loading a model
     options = parse_key_values(args.solver_option, "--solver-option")
@@ -165,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
         )
         record = _provenance(args, editor, model, image)
         inv = editor.invert(image, args.source, generator=generator)
-        edits = editor.edit(inv, args.target)
+        edits = editor.edit(inv, args.target, control=control, **p2p_options)
+        if control is not None:  # the options as the control resolved them (defaults, [ ] markers)
+            record["settings"].update(control=control, p2p_options=asdict(editor.control.options))
         record["outputs"] = {}
         for img, path, target in zip(edits, paths, args.target):
             # no creation time in the image: same inputs and seed give the same bytes
