@@ -461,3 +461,12 @@ def test_only_calls_that_inject_or_record_compute_explicit_probabilities(tok):
     plain = PromptToPrompt(["a cat"], ["a dog"], tok, 10)
     plain.step = 6
     assert not plain.wants(2, 16**2, True, "up")
+
+
+def test_markers_are_never_encoded(sd):
+    editor = diffinv.Editor(sd, solver="ddim", steps=2, **F64)
+    marked, plain = editor.encode_prompts(["a [red car] here"]), editor.encode_prompts(["a red car here"])
+    assert torch.equal(marked.hidden, plain.hidden)
+    inv = editor.invert_latent(latent(8), "a [cat]")
+    assert inv.prompts == ["a [cat]"]  # kept as given: P2P reads its blend words from them
+    assert torch.equal(inv.cond.hidden, editor.encode_prompts(["a cat"]).hidden)
