@@ -234,10 +234,10 @@ class UNetEps:
         return 0.1 * out.to(x.dtype)
 
 
-def latent(size: int, batch: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A clean SD-like latent (about unit scale)."""
+def latent(size: int, batch: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32, channels: int = 4) -> Tensor:
+    """A clean SD-like latent (about unit scale); SD3/FLUX latents have 16 channels."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 4, size, size, generator=gen, dtype=torch.float64).to(dtype)
+    return torch.randn(batch, channels, size, size, generator=gen, dtype=torch.float64).to(dtype)
 
 
 def toy_problem(images: int = 4, size: int = 16) -> tuple[Any, Callable[[Tensor, Tensor], Tensor], Tensor]:

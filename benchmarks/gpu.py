@@ -1,7 +1,8 @@
 """Throughput at benchmark scale: ``python benchmarks/gpu.py`` (on a GPU; on a CPU it runs the tiny models).
 
-Builds full-size SD 1.5 and SDXL pipelines from their published configs with random weights (no download:
-the numbers are about speed and memory, not pictures) and measures, per solver:
+Builds full-size SD 1.5, SDXL and SD3-medium pipelines and a FLUX.1-dev pipeline with a reduced number of transformer
+blocks from their published configs with random weights (no download: the numbers are about speed and memory, not
+pictures) and measures, per solver:
 
 * **overhead ratio** = wall / (model calls x median isolated model call), for invert + edit + reconstruct of one
   image in latent space (the solver, grid, guidance and batching cost on top of the network);
@@ -12,7 +13,8 @@ the numbers are about speed and memory, not pictures) and measures, per solver:
 
 It writes (or replaces) its own section of BENCHMARKS.md, titled with the device's name; ``make bench``
 keeps that section when it rewrites the rest. On a CPU (no ``--device cuda``) it runs the tests' tiny pipeline
-so the script itself is exercised everywhere.
+so the script itself is exercised everywhere. SD3's T5 is left out (the pipeline then feeds zeros in its place) and
+FLUX's T5 has one layer of T5-XXL's width: text encoding runs once per prompt, outside the solver loop.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from common import ModuleTimer, _tests_tiny, fmt_s, latent, machine_info, md_table
 
 from diffinv.editor import Editor
+from diffinv.families.flux import pack_latents
 
 SOLVERS = ("ddim", "dpmpp_2m", "ees27", "rk4", "edict", "bdia", "belm", "rex", "reversible_heun")
 BATCHES = (1, 2, 4, 8)
@@ -62,17 +65,19 @@ def _clip(hidden: int, layers: int, heads: int, act: str, projection: bool) -> A
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def _vae(scaling: float, sample_size: int) -> Any:
+def _vae(scaling: float, sample_size: int, channels: int = 4, shift: float | None = None) -> Any:
     from diffusers import AutoencoderKL
 
+    flow = {} if shift is None else {"shift_factor": shift, "use_quant_conv": False, "use_post_quant_conv": False}
     return AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=2,
-        latent_channels=4,
+        latent_channels=channels,
         sample_size=sample_size,
         scaling_factor=scaling,
+        **flow,
     )
 
 
@@ -126,7 +131,100 @@ def sdxl_pipe() -> Any:
     )
 
 
+# FLUX.1-dev has 19 double-stream and 38 single-stream blocks (12 B parameters); a third of each keeps the random
+# initialisation quick and the per-block cost the same.
+FLUX_BLOCKS = (6, 12)
+
+
+def sd3_pipe() -> Any:
+    """SD3-medium's architecture (MM-DiT 2 B, CLIP-L + CLIP-G text encoders, the 16-channel VAE), random weights."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tiny = _tests_tiny()
+    transformer = SD3Transformer2DModel(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        pos_embed_max_size=192,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(1.5305, 1024, 16, 0.0609),
+        text_encoder=_clip(768, 12, 12, "quick_gelu", True),
+        tokenizer=tiny.tiny_clip_tokenizer(),
+        text_encoder_2=_clip(1280, 32, 20, "gelu", True),
+        tokenizer_2=tiny.tiny_clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def flux_pipe() -> Any:
+    """FLUX.1-dev's architecture with :data:`FLUX_BLOCKS` transformer blocks (guidance embedding, packed latents,
+    CLIP-L pooled text, a one-layer T5 of T5-XXL's width, the 16-channel VAE), random weights."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tiny = _tests_tiny()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=FLUX_BLOCKS[0],
+        num_single_layers=FLUX_BLOCKS[1],
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
+    t5_tok = tiny.tiny_t5_tokenizer(512)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=4096,
+            d_ff=10240,
+            d_kv=64,
+            num_heads=64,
+            num_layers=1,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=_vae(0.3611, 1024, 16, 0.1159),
+        text_encoder=_clip(768, 12, 12, "quick_gelu", False),
+        tokenizer=tiny.tiny_clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+
+
 # -- measurements --------------------------------------------------------------------------------------------
+
+
+def pipe_latent(pipe: Any, size: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """A clean latent of ``batch`` images with ``size`` latent cells a side and the pipeline's channel count."""
+    return latent(size, batch, seed=seed, channels=int(pipe.vae.config.latent_channels))
 
 
 def _sync(device: torch.device) -> None:
@@ -181,7 +279,7 @@ def _isolated_call(editor: Editor, x: torch.Tensor, repeat: int) -> float:
 def overhead_rows(pipe: Any, size: int, steps: int, solvers: tuple[str, ...], repeat: int) -> list[list[Any]]:
     rows = []
     base = Editor(pipe, steps=steps, progress=False)
-    x0 = latent(size, 1).to(base.device)
+    x0 = pipe_latent(pipe, size).to(base.device)
     call = _isolated_call(base, x0, max(5, repeat * 3))
     for solver in solvers:
         editor = Editor(pipe, solver=solver, steps=steps, progress=False)
@@ -204,7 +302,7 @@ def batch_rows(
     for compiled in compile_modes:
         editor = Editor(pipe, solver=solver, steps=steps, progress=False, compile=compiled)
         for batch in BATCHES:
-            x0 = latent(size, batch, seed=batch).to(editor.device)
+            x0 = pipe_latent(pipe, size, batch, seed=batch).to(editor.device)
             _peak_reset(editor.device)
             first, _ = _timed(editor, x0, 1)  # compiles this batch's shapes when compiled
             walls, _ = _timed(editor, x0, repeat)
@@ -227,7 +325,10 @@ def batch_rows(
 def pipeline_row(pipe: Any, size: int, steps: int, repeat: int) -> list[Any]:
     """``Editor.edit`` (DDIM) vs ``pipe(...)`` from the same noise with as many UNet calls."""
     editor = Editor(pipe, solver="ddim", steps=steps, progress=False)
-    inv = editor.invert_latent(latent(size, 1).to(editor.device), SOURCE)
+    inv = editor.invert_latent(pipe_latent(pipe, size).to(editor.device), SOURCE)
+    noise = inv.latent.to(editor.unet.dtype)
+    if editor.family.name == "flux":  # FluxPipeline takes its latents packed
+        noise = pack_latents(noise)
     walls: dict[str, list[float]] = {"ours": [], "theirs": []}
     fns = {
         "ours": lambda: editor.edit(inv, TARGET, output_type="latent"),
@@ -235,7 +336,9 @@ def pipeline_row(pipe: Any, size: int, steps: int, repeat: int) -> list[Any]:
             TARGET,
             num_inference_steps=inv.nfe,
             guidance_scale=editor.guidance,
-            latents=inv.latent.to(pipe.unet.dtype),
+            latents=noise,
+            height=size * editor.family.vae_scale,
+            width=size * editor.family.vae_scale,
             output_type="latent",
         ),
     }
@@ -256,7 +359,7 @@ def offload_row(pipe: Any, size: int, steps: int, device: torch.device) -> list[
     """Peak GPU memory and wall time of one DDIM round trip with ``offload="model"``."""
     _peak_reset(device)
     editor = Editor(pipe, solver="ddim", steps=steps, progress=False, offload="model", device=device)
-    walls, _ = _timed(editor, latent(size, 1).to(device), 1)
+    walls, _ = _timed(editor, pipe_latent(pipe, size).to(device), 1)
     return ["model", fmt_s(walls[0]), _peak(device)]
 
 
@@ -267,9 +370,20 @@ def measure(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
-        models = {"SD 1.5 (fp16)": (sd15_pipe, 64), "SDXL (fp16)": (sdxl_pipe, 128)}
+        flux = f"FLUX.1-dev, {FLUX_BLOCKS[0]} + {FLUX_BLOCKS[1]} of 19 + 38 blocks (bf16)"
+        models = {
+            "SD 1.5 (fp16)": (sd15_pipe, 64),
+            "SDXL (fp16)": (sdxl_pipe, 128),
+            "SD3-medium (fp16)": (sd3_pipe, 128),
+            flux: (flux_pipe, 128),
+        }
     else:
-        models = {"tiny SD UNet (fp32, CPU)": (_tests_tiny().tiny_sd_pipe, 8)}
+        tiny = _tests_tiny()
+        models = {
+            "tiny SD UNet (fp32, CPU)": (tiny.tiny_sd_pipe, 8),
+            "tiny SD3 transformer (fp32, CPU)": (tiny.tiny_sd3_pipe, 8),
+            "tiny FLUX transformer (fp32, CPU)": (tiny.tiny_flux_pipe, 8),
+        }
     info = machine_info()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({info['cpu']})"
     compile_modes = [False] if args.no_compile else [False, True]
@@ -284,7 +398,7 @@ def measure(args: argparse.Namespace) -> str:
     ]
     for label, (build, size) in models.items():
         print(f"[gpu] {label} ...", file=sys.stderr, flush=True)
-        pipe = build().to(device=device, dtype=dtype)
+        pipe = build().to(device=device, dtype=torch.bfloat16 if "bf16" in label else dtype)
         pipe.set_progress_bar_config(disable=True)
         parts += [f"### {label}", "", f"Solver overhead, {args.steps} steps, B = 1:", ""]
         rows = overhead_rows(pipe, size, args.steps, tuple(args.solvers), args.repeat)

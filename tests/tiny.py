@@ -222,3 +222,160 @@ def tiny_text_sd_pipe(seed: int = 0, text_scale: float = 30.0, time_scale: float
     damp_unet(unet, time_scale, out_scale)
     pipe.register_modules(unet=unet)
     return pipe
+
+
+def tiny_t5_tokenizer(max_len: int = 512):
+    """An in-memory T5 (Unigram) tokenizer: pad/eos/unk, the word boundary, single characters and "▁c" pieces."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces += [("▁" + c, -2.5) for c in string.ascii_lowercase]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_len)
+
+
+def tiny_t5_encoder(vocab_size: int, d_model: int, seed: int):
+    """A 1-layer T5 encoder with random weights."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _clip_config(vocab_size: int, **overrides):
+    from transformers import CLIPTextConfig
+
+    config = {
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 77,
+        "projection_dim": 32,
+        "hidden_act": "gelu",
+    }
+    return CLIPTextConfig(**{**config, **overrides})
+
+
+def tiny_flow_vae(seed: int = 0, latent_channels: int = 4):
+    """A tiny 8x AutoencoderKL with SD3/FLUX-style latent normalisation (shift and scale, no quant convs)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=64,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+
+
+def tiny_sd3_pipe(seed: int = 0):
+    """A tiny StableDiffusion3Pipeline (64x64 images, 4x8x8 latents, 2x2 patches): two CLIPs and a T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=64,  # T5's d_model; the two CLIPs' 32 + 32 states are padded to it
+        pooled_projection_dim=64,  # the two CLIPs' pooled projections, concatenated
+        pos_embed_max_size=16,
+    ).eval()
+    tok = tiny_clip_tokenizer()
+    t5_tok = tiny_t5_tokenizer(256)
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModelWithProjection(_clip_config(len(tok))).eval()
+    torch.manual_seed(seed + 2)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(len(tok), num_hidden_layers=3)).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=tiny_flow_vae(seed + 3, 4),
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(len(t5_tok), 64, seed + 4),
+        tokenizer_3=t5_tok,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipe(seed: int = 0):
+    """A tiny guidance-distilled FluxPipeline (64x64 images, 4x8x8 latents packed to 16 tokens of 16)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's d_model
+        pooled_projection_dim=32,  # CLIP's pooled output
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    ).eval()
+    tok = tiny_clip_tokenizer()
+    t5_tok = tiny_t5_tokenizer(512)
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(_clip_config(len(tok))).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=tiny_flow_vae(seed + 3, 4),
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        text_encoder_2=tiny_t5_encoder(len(t5_tok), 32, seed + 4),
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -28,10 +28,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .controls import DirectOffsets, P2POptions, PromptToPrompt
+from .controls import DirectOffsets, P2POptions, PromptToPrompt, strip_markers
 from .devices import check_device
 from .families import Conditioning, family_for_model, family_of
-from .fields import EpsModel, as_eps_model
+from .fields import EpsModel, FlowEpsModel, as_eps_model
 from .images import RESIZE_MODES, ImageLike, load_image, pil_to_tensor, tensor_to_pil
 from .inversions import check_method, direct_offsets, null_text_embeddings, pivot_inversion
 from .runtime import check_options, configure
@@ -75,8 +75,11 @@ class EditInversion(Inversion):
 class _GuidedEps:
     """``eps(x, t)`` with classifier-free guidance in one UNet call on ``[uncond; cond]``.
 
-    With proximal guidance the CFG difference is thresholded and the edit mask of the first model
-    call of each step is kept for the step's inversion-guidance blend.
+    The family says how guidance enters (:meth:`~diffinv.families.ModelFamily.guidance_inputs`: a
+    guidance-distilled family takes the scale as a model input instead). With proximal guidance the CFG
+    difference is thresholded and the edit mask of the first model call of each step is kept for the step's
+    inversion-guidance blend. On a flow path it also gives ``x0`` from the same call (``eps_x0``), which the
+    solvers need where ``alpha = 0``.
     """
 
     def __init__(
@@ -87,7 +90,9 @@ class _GuidedEps:
         guidance: float,
         proximal: ProximalGuidance | None = None,
     ):
+        cond, uncond, guidance = editor.family.guidance_inputs(cond, uncond, float(guidance))
         self.editor, self.cond, self.guidance, self.proximal = editor, cond, float(guidance), proximal
+        self.gives_x0 = editor.schedule.is_flow
         # w = 1 without proximal guidance is the conditional model: skip the unconditional half.
         plain = uncond is None or (self.guidance == 1.0 and proximal is None)
         self.both = None if plain else Conditioning.cat([uncond, cond])
@@ -108,6 +113,16 @@ class _GuidedEps:
         if self.mask is None:
             self.mask, self.mask_t = mask, float(t)
         return eps
+
+    def eps_x0(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(eps, x0)`` of the guided model from one call (flow paths; guidance is affine, so it guides both)."""
+        if self.proximal is not None:
+            raise ValueError("proximal guidance is not available on flow-matching models")
+        if self.both is None:
+            return self.editor.unet_eps_x0(x, t, self.cond)
+        (eps_u, eps_c), (x0_u, x0_c) = (p.chunk(2) for p in self.editor.unet_eps_x0(torch.cat([x, x]), t, self.both))
+        w = self.guidance
+        return eps_u + w * (eps_c - eps_u), x0_u + w * (x0_c - x0_u)
 
 
 def _check_number(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
@@ -140,8 +155,10 @@ def _prompts(prompts: str | Sequence[str], what: str) -> list[str]:
 class Editor:
     """Invert real images and edit them with text, with any diffinv solver, on any supported model family.
 
-    ``pipe``: a loaded diffusers pipeline of a family in :mod:`diffinv.families` (SD 1.x/2.x, SDXL); its adapter
-    (``editor.family``) says how prompts, latents and the denoiser work for it.
+    ``pipe``: a loaded diffusers pipeline of a family in :mod:`diffinv.families` (SD 1.x/2.x, SDXL, SD3, FLUX); its
+    adapter (``editor.family``) says how prompts, latents, the denoiser, guidance and the grids work for it (on
+    FLUX, guidance-distilled, ``guidance``/``inversion_guidance`` are the embedded guidance values; on SD3 and FLUX
+    ``"time"`` is the pipeline scheduler's own shifted grid, :mod:`diffinv.families.flow`).
     ``solver``/``solver_options``/``steps``: the solver; ``spacing``: the grid, ``"auto"`` (default) = the solver's
     reference grid (:func:`diffinv.solvers.resolve_spacing`: ``"time"``, the diffusers sampler's timesteps from
     the model's scheduler config, for DDIM-family and exactly reversible solvers; ``"lambda"``, lambda-uniform, for
@@ -233,19 +250,23 @@ class Editor:
         )
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        if negative_prompt and not self.family.true_cfg:
+            raise ValueError(
+                f"{self.family.name} models are guidance-distilled (guidance is a model input, no unconditional"
+                " branch): a negative prompt does not apply"
+            )
         self.negative_prompt = negative_prompt
         self.strength = _check_number("strength", strength, 0.0, 1.0)
         if self.strength == 0.0:
             raise ValueError("strength must be in (0, 1], got 0")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        self.steps, self.spacing = steps, resolve_spacing(self.solver, spacing)
-        self.timesteps = self.family.timesteps(steps, self.spacing, self.strength)
-
         multiple = self.family.size_multiple
         self.size = self.family.native_size if size is None else (int(size[0]), int(size[1]))
         if min(self.size) < 1 or self.size[0] % multiple or self.size[1] % multiple:
             raise ValueError(f"size must be positive multiples of {multiple} (height, width), got {size!r}")
+        self.steps, self.spacing = steps, resolve_spacing(self.solver, spacing)
+        self.timesteps = self.family.timesteps(steps, self.spacing, self.strength, self.size)
         if resize not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {resize!r}; choose one of {', '.join(RESIZE_MODES)}")
         self.resize, self.progress = resize, progress
@@ -276,16 +297,16 @@ class Editor:
         """Load a pipeline (hub id or local folder) of a supported family and wrap it.
 
         The family comes from ``model_index.json``'s ``_class_name``. Defaults: ``device`` CUDA
-        when available, else CPU; ``dtype`` float16 on CUDA, float32 elsewhere. Weights load from
-        safetensors only, unless ``allow_pickle`` (then diffusers may fall back to ``.bin`` files, which it
-        reads with ``torch.load(weights_only=True)``; a pickled LoRA is accepted as well).
+        when available, else CPU; ``dtype`` the family's on CUDA (float16; bfloat16 for FLUX), float32 elsewhere.
+        Weights load from safetensors only, unless ``allow_pickle`` (then diffusers may fall back to ``.bin`` files,
+        which it reads with ``torch.load(weights_only=True)``; a pickled LoRA is accepted as well).
         """
         check_device(device)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype is None:
-            dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
         family = family_for_model(model)
+        if dtype is None:
+            dtype = family.cuda_dtype if torch.device(device).type == "cuda" else torch.float32
         kwargs: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": None if allow_pickle else True}
         if variant is not None:
             kwargs["variant"] = variant
@@ -302,7 +323,7 @@ class Editor:
     # -- the model -----------------------------------------------------------------------------
     @property
     def unet(self) -> torch.nn.Module:
-        """The denoising network (a UNet for SD/SDXL)."""
+        """The denoising network (a UNet for SD/SDXL, a transformer for SD3/FLUX)."""
         return self.family.denoiser
 
     @property
@@ -321,9 +342,15 @@ class Editor:
             return out
         return as_eps_model(lambda *_: out, self.schedule, self.prediction_type)(x, t)
 
+    def unet_eps_x0(self, x: Tensor, t: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor]:
+        """``(eps, x0)`` of a velocity-predicting denoiser from one call (finite at both ends of a flow path)."""
+        out = self.family.denoise(x, t, cond)
+        return FlowEpsModel(lambda *_: out, self.schedule).eps_x0(x, t)
+
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """Text conditioning of ``prompts`` at the editor's image size."""
-        return self.family.encode_prompts(list(prompts), self.size)
+        """Text conditioning of ``prompts`` at the editor's image size; PIE-Bench's ``[ ]`` edit markers are
+        annotations (they pick P2P's blend words), never encoded."""
+        return self.family.encode_prompts([strip_markers(p) for p in prompts], self.size)
 
     def eps_model(self, prompts: str | Sequence[str], guidance: float | None = None) -> EpsModel:
         """The guided ``eps(x, t)`` for ``prompts`` with the negative prompt as unconditional branch.
@@ -445,6 +472,11 @@ class Editor:
     ) -> EditInversion:
         """Null-text inversion or DirectInversion (:mod:`diffinv.inversions`): a pivot at guidance 1, then the
         per-step embeddings or differences that make the guided (``guidance``) source branch land on it."""
+        if method == "null-text" and not self.family.true_cfg:
+            raise ValueError(
+                f"null-text inversion tunes the unconditional branch of classifier-free guidance; {self.family.name}"
+                " models are guidance-distilled and have none"
+            )
         unknown = sorted(set(options) - ({"inner_steps", "epsilon", "lr"} if method == "null-text" else set()))
         if unknown:
             accepted = "null-text takes inner_steps, epsilon, lr"
@@ -506,12 +538,15 @@ class Editor:
         ``control="p2p"``: Prompt-to-Prompt (:mod:`diffinv.controls.p2p`; ``p2p_options`` are
         :class:`~diffinv.controls.P2POptions`): a source branch with the source prompt runs in the same batch and
         its attention is injected into the targets; ``editor.control`` then holds the control (its
-        ``source_result`` is the source branch's latent). A direct inversion's differences go to the source branch.
+        ``source_result`` is the source branch's latent). ``[ ]`` markers in the prompts pick the blend words
+        when ``blend_words`` is not given. A direct inversion's differences go to the source branch.
         """
         if control not in CONTROLS and not isinstance(control, PromptToPrompt):
             raise ValueError(f"unknown control {control!r}; choose p2p or none")
         if p2p_options and control is None:
             raise ValueError(f"options {', '.join(sorted(p2p_options))} need control='p2p'")
+        if control is not None and "p2p" not in self.family.controls:
+            raise ValueError(f"control p2p does not apply to {self.family.name} models (it needs a UNet)")
         with torch.inference_mode(), self.family.placed():
             _check_inversion(inv)
             items = _prompts(targets, "targets")
@@ -519,7 +554,7 @@ class Editor:
             p2p = control if isinstance(control, PromptToPrompt) else None
             if control == "p2p":
                 steps = len(self.timesteps) - 1
-                p2p = PromptToPrompt(inv.prompts, items, self.pipe.tokenizer, steps, P2POptions(**p2p_options))
+                p2p = PromptToPrompt(inv.prompts, items, self.pipe.tokenizer, steps, P2POptions.from_dict(p2p_options))
             if p2p is None:
                 k = len(items)
                 cond = self.encode_prompts(items).index([j for _ in range(n) for j in range(k)])

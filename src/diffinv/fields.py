@@ -45,8 +45,11 @@ FLOW_ALIASES = ("flow", "flow_prediction")
 class FlowEpsModel:
     """A velocity model ``v = eps - x0`` on ``x = (1 - sigma) x0 + sigma eps`` seen as an eps-model.
 
-    ``eps = x + (1 - sigma) v`` and ``x0 = x - sigma v``: both finite at both ends of the path.
+    ``eps = x + (1 - sigma) v`` and ``x0 = x - sigma v``: both finite at both ends of the path. Any eps-model
+    with ``gives_x0 = True`` and such an ``eps_x0(x, t)`` method is used the same way by :class:`Field`.
     """
+
+    gives_x0 = True
 
     def __init__(self, model: Callable[[Tensor, Tensor], Tensor], schedule: NoiseSchedule):
         if not schedule.is_flow:
@@ -115,7 +118,7 @@ class Field:
 
     def eps_x0(self, x: Tensor, t: float, coefficients: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
         """``(eps, x0)`` from one model call; a flow model gives ``x0`` itself (finite where ``alpha = 0``)."""
-        if isinstance(self.model, FlowEpsModel):
+        if getattr(self.model, "gives_x0", False):
             tdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             self.nfe += 1
             eps, x0 = self.model.eps_x0(x, torch.full((), t, dtype=tdtype, device=x.device))

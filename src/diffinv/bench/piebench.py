@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..controls.p2p import strip_markers
+
 __all__ = ["EDIT_TYPES", "PieBench", "PieRecord", "decode_mask", "encode_mask", "strip_markers", "write_piebench"]
 
 MAPPING_FILE = "mapping_file.json"
@@ -37,11 +39,6 @@ EDIT_TYPES = {
     8: "change background",
     9: "change style",
 }
-
-
-def strip_markers(text: str) -> str:
-    """The prompt without PIE-Bench's ``[ ]`` edit markers (as both official scripts do)."""
-    return text.replace("[", "").replace("]", "")
 
 
 def decode_mask(rle: Sequence[int], height: int, width: int, border: bool = True) -> np.ndarray:

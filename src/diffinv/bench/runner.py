@@ -71,8 +71,6 @@ __all__ = [
     "write_table",
 ]
 
-CONTROLS = (None, "p2p")  # the editing controls a run may ask for (Editor.edit)
-
 RECON_COLUMNS = (*RECON_METRICS, "recon_latent_rmse")
 COLUMNS = ("image_id", "editing_type_id", *METRICS, *RECON_COLUMNS, "diverged")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
@@ -113,13 +111,14 @@ class RunConfig:
     inversion_guidance: float | None = None
     smoothing: list[str] = field(default_factory=list)
     inversion: str = "plain"  # or "null-text" / "direct" (diffinv.inversions)
-    control: str | None = None  # "p2p": Prompt-to-Prompt
     editor_options: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "auto"  # fp16 on CUDA, fp32 elsewhere
+    dtype: str = "auto"  # fp16 on CUDA (bf16 for FLUX), fp32 elsewhere
     seed: int = 1234  # the official scripts' per-image seed
     prompts: str = "standard"
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     reconstruct: bool = True  # also reconstruct each image (a third of the cost) and score the reconstruction
+    control: str | None = None  # "p2p": Prompt-to-Prompt (diffinv.controls.p2p)
+    p2p_options: dict[str, Any] = field(default_factory=dict)  # resolved to every option by __post_init__
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -144,12 +143,11 @@ class RunConfig:
         solver = get_solver(self.solver, **(self.solver_options or {}))  # unknown solver or bad option: ValueError
         self.spacing = resolve_spacing(solver, self.spacing)
         check_method(self.inversion, solver, parse_smoothing(self.smoothing))
-        if self.control not in CONTROLS:
-            raise ValueError(f"unknown control {self.control!r}; choose p2p or none")
         self.metrics = list(parse_metrics(self.metrics))
         self.smoothing = list(self.smoothing or [])
         self.solver_options = dict(self.solver_options or {})
         self.editor_options = dict(self.editor_options or {})
+        self.p2p_options = _p2p_options(self.control, self.p2p_options)
         taken = sorted(set(self.editor_options) & RUN_SETTINGS)
         if taken:
             flag = taken[0].replace("_", "-")
@@ -185,6 +183,61 @@ class RunConfig:
 
 # Editor keywords that are RunConfig fields: an editor option may not set them behind the run's back.
 RUN_SETTINGS = {"solver", "solver_options", "steps", "spacing", "guidance", "inversion_guidance", "smoothing"}
+# PnPInversion's run_editing_p2p.py: blend on each record's blended_word (source word, target word), the target
+# word's cross-attention weighted 2; records without one get neither.
+PIEBENCH_P2P = {"blend": True, "equalizer": 2.0}
+
+
+def _p2p_options(control: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Every P2P option of a run (P2POptions' defaults, then PIE-Bench's, then the given ones), so that a default
+    and the same value given explicitly are one run; ``{}`` without the control."""
+    from dataclasses import asdict
+
+    from ..controls import P2POptions
+
+    options = dict(options or {})
+    if control not in (None, "p2p"):
+        raise ValueError(f"unknown control {control!r}; choose p2p or none")
+    if control is None:
+        if options:
+            raise ValueError(f"p2p options {', '.join(sorted(options))} need control p2p")
+        return {}
+    if "blend_words" in options:
+        raise ValueError("blend_words come from each PIE-Bench record's blended_word; give blend=false for none")
+    blend = options.pop("blend", PIEBENCH_P2P["blend"])
+    if not isinstance(blend, bool):
+        raise ValueError(f"p2p option blend must be true or false, got {blend!r}")
+    eq = options.get("equalizer", PIEBENCH_P2P["equalizer"])
+    if isinstance(eq, dict):
+        raise ValueError("p2p option equalizer in bench is one number for each record's target blend word")
+    resolved = asdict(P2POptions.from_dict({**options, "equalizer": eq}))
+    del resolved["blend_words"]
+    return json.loads(json.dumps({**resolved, "blend": blend}))
+
+
+def edit_keywords(config: RunConfig, record: PieRecord) -> dict[str, Any]:
+    """The ``Editor.edit`` keywords of a run's control for one record (none without a control)."""
+    if config.control is None:
+        return {}
+    options = {k: v for k, v in config.p2p_options.items() if k != "blend"}
+    raw = record.raw.get("blended_word", "")
+    words = raw.split(" ") if raw else []  # as run_editing_p2p.py: " spoon" is ("", "spoon"), a target word only
+    blend = config.p2p_options["blend"] and len(words) >= 2
+    options["blend_words"] = ((words[0],), (words[1],)) if blend else ()
+    return {"control": config.control, **options}
+
+
+def _auto_dtype(model: str, device: torch.device) -> str:
+    """``dtype="auto"``: fp32 off CUDA; on CUDA the model family's dtype (fp16; bf16 for FLUX)."""
+    if device.type != "cuda":
+        return "fp32"
+    from ..families import family_for_model
+
+    try:
+        wanted = family_for_model(model).cuda_dtype
+    except ValueError:  # not a model folder this process can read: the editor factory decides
+        return "fp16"
+    return next(name for name, dtype in DTYPES.items() if dtype == wanted)
 
 
 def load_editor(config: RunConfig, device: torch.device, runtime: dict[str, Any] | None = None) -> EditorLike:
@@ -439,7 +492,7 @@ def run_bench(
 
     proc = _process(device)
     if config.dtype == "auto":
-        config = RunConfig.from_dict({**config.to_dict(), "dtype": "fp16" if proc.device.type == "cuda" else "fp32"})
+        config = RunConfig.from_dict({**config.to_dict(), "dtype": _auto_dtype(config.model, proc.device)})
     run_dir = Path(out)
     if (run_dir / CONFIG_FILE).exists():
         _claim_config(run_dir, config, dataset.root)  # a different configuration is refused before any work
@@ -530,10 +583,9 @@ def _run_one(
     row: dict[str, Any] = {"image_id": record.id, "editing_type_id": record.edit_type}
     columns = score_columns(config.metrics, config.reconstruct)
     try:
-        # the pivot inversions and P2P only where asked, so that any EditorLike runs the plain settings
-        method = {"method": config.inversion} if config.inversion != "plain" else {}
+        method = {"method": config.inversion} if config.inversion != "plain" else {}  # only where asked
         inversion = editor.invert(image, source_prompt, **method)
-        edited = editor.edit(inversion, [target_prompt], **({"control": config.control} if config.control else {}))[0]
+        edited = editor.edit(inversion, [target_prompt], **edit_keywords(config, record))[0]
         recon, latent_rmse = _reconstruct(editor, inversion) if config.reconstruct else (None, None)
     except SolverDivergence as err:
         nan = dict.fromkeys((*columns, *(["recon_latent_rmse"] if config.reconstruct else [])), math.nan)

@@ -11,6 +11,7 @@ from typing import Any
 from ..cli import CommandError, UsageError, first_line
 from ..solvers import SPACING_CHOICES
 from . import add_runtime_arguments, add_weights_argument, parse_key_values, runtime_options
+from .control import add_control_arguments, control_options
 
 
 def add_parser(sub: Any) -> None:
@@ -51,7 +52,9 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--prompts", help="prompt rule: standard (default), large-deviation, greyscale")
     p.add_argument(
-        "--dtype", default="auto", help="model dtype: auto (default: fp16 on CUDA, else fp32), fp16, bf16, fp32, fp64"
+        "--dtype",
+        default="auto",
+        help="model dtype: auto (default: fp16 on CUDA, bf16 for FLUX, else fp32), fp16, bf16, fp32, fp64",
     )
     p.add_argument(
         "--seed", type=int, default=1234, help="per-image seed, as the official scripts (default: %(default)s)"
@@ -71,6 +74,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="skip the reconstruction (a third of the solver cost) and its recon_* columns",
     )
+    add_control_arguments(p, bench=True)
     add_weights_argument(p)
     add_runtime_arguments(p)
     p.add_argument("--preset", help="run a paper experiment (several runs, one folder each under --out)")
@@ -124,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         "reconstruct": not args.no_reconstruct,
     }
     base["solver_options"] = parse_key_values(base["solver_options"], "--solver-option")
+    base["control"] = None if base["control"] == "none" else base["control"]
+    base["p2p_options"] = control_options(args, bench=True)[1]
     if args.preset is None:
         if args.keep_going:
             raise UsageError("--keep-going needs --preset (it keeps going past a failed run)")
@@ -199,6 +205,7 @@ PRESET_KEYS = {
     "inversion": "inversion",
     "smoothing": "smoothing",
     "prompts": "prompts",
+    "control": "control",
 }
 RUN_DEFAULTS = {
     "solver": "ees27",
@@ -209,6 +216,7 @@ RUN_DEFAULTS = {
     "inversion": "plain",
     "smoothing": [],
     "prompts": "standard",
+    "control": None,
 }
 
 

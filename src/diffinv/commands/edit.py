@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from ..inversions import INVERSION_METHODS, check_method
 from ..smoothing import SMOOTHINGS
 from ..solvers import SPACING_CHOICES, get_solver
 from . import add_runtime_arguments, parse_key_values, runtime_options
+from .control import add_control_arguments, control_options
 
 DTYPES = ("fp16", "bf16", "fp32")
 
@@ -68,7 +70,9 @@ def add_parser(sub: Any) -> None:
         help="accept pickled (.bin/.pt) model and LoRA weights, loaded as tensors only (default: safetensors only)",
     )
     p.add_argument("--resize", choices=("crop", "pad", "stretch"), default="crop", help="fit rule (default crop)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default fp16 on CUDA, else fp32)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="model dtype (default on CUDA fp16, bf16 for FLUX; else fp32)"
+    )
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=None, help="sample the VAE posterior with this seed (default: mean)")
     p.add_argument("--out", default=None, help="output image (default: IMAGE's folder, <stem>_edit.png)")
@@ -79,6 +83,7 @@ def add_parser(sub: Any) -> None:
         "captioned",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_control_arguments(p)
     add_runtime_arguments(p)
     p.set_defaults(func=run)
 
@@ -125,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from ..editor import DEFAULT_MODEL, Editor
 
     _check_args(args)
+    control, p2p_options = control_options(args)
     image = Path(args.image)
     load_image(image)  # fail fast on a missing or corrupt file, before loading a model
     options = parse_key_values(args.solver_option, "--solver-option")
@@ -174,7 +180,9 @@ def run(args: argparse.Namespace) -> int:
     with torch.inference_mode():  # everything else (null-text inversion turns gradients on for itself)
         record = _provenance(args, editor, model, image)
         inv = editor.invert(image, args.source, generator=generator, method=args.inversion)
-        edits = editor.edit(inv, args.target)
+        edits = editor.edit(inv, args.target, control=control, **p2p_options)
+        if control is not None:  # the options as the control resolved them (defaults, [ ] markers)
+            record["settings"].update(control=control, p2p_options=asdict(editor.control.options))
         record["outputs"] = {}
         for img, path, target in zip(edits, paths, args.target):
             # no creation time in the image: same inputs and seed give the same bytes

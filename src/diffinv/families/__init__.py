@@ -11,14 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from .base import Conditioning, ModelFamily, diffusers_timesteps
+from .flow import FlowFamily
+from .flux import Flux
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
 __all__ = [
     "FAMILIES",
     "Conditioning",
+    "FlowFamily",
+    "Flux",
     "ModelFamily",
     "StableDiffusion",
+    "StableDiffusion3",
     "StableDiffusionXL",
     "diffusers_timesteps",
     "family_for_model",
@@ -26,7 +32,7 @@ __all__ = [
     "pipeline_name",
 ]
 
-FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionXL, StableDiffusion)
+FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion3, Flux, StableDiffusionXL, StableDiffusion)
 
 
 def _supported() -> str:

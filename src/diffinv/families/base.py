@@ -75,13 +75,18 @@ class ModelFamily:
     """One model family's answers, over a loaded pipeline ``pipe``. Subclasses set the class attributes.
 
     ``pipelines``: the diffusers pipeline class names (``model_index.json``'s ``_class_name``) it loads, the first
-    being the class it loads them with; ``smoothing``: the smoothing strategies that apply to it;
-    ``load_options``: extra ``from_pretrained`` keywords.
+    being the class it loads them with; ``smoothing``: the smoothing strategies that apply to it; ``controls``: the
+    editing controls (``"p2p"``) that apply to it; ``true_cfg``: whether guidance is classifier-free guidance
+    against a negative prompt (False: guidance-distilled, see :meth:`guidance_inputs`); ``cuda_dtype``: the
+    model dtype on CUDA when none is asked for; ``load_options``: extra ``from_pretrained`` keywords.
     """
 
     name: ClassVar[str] = "base"
     pipelines: ClassVar[tuple[str, ...]] = ()
     smoothing: ClassVar[tuple[str, ...]] = ()
+    controls: ClassVar[tuple[str, ...]] = ()
+    true_cfg: ClassVar[bool] = True
+    cuda_dtype: ClassVar[torch.dtype] = torch.float16
     load_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, pipe: Any):
@@ -147,6 +152,13 @@ class ModelFamily:
         """Where the models compute (the accelerator under CPU offload, where the weights sit otherwise)."""
         return execution_device(self.pipe, self.denoiser)
 
+    def guidance_inputs(
+        self, cond: Conditioning, uncond: Conditioning | None, guidance: float
+    ) -> tuple[Conditioning, Conditioning | None, float]:
+        """``(cond, uncond, cfg_scale)`` of a model evaluation at guidance ``guidance``: classifier-free guidance
+        ``eps_u + w (eps_c - eps_u)`` as given; a guidance-distilled family moves the scale into ``cond``."""
+        return cond, uncond, guidance
+
     # -- prompts -----------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str], size: tuple[int, int]) -> Conditioning:
         """Conditioning of ``prompts`` for images of ``size`` ``(height, width)``."""
@@ -198,11 +210,11 @@ class ModelFamily:
         return self.vae.decode(lat.to(self.vae.dtype), return_dict=False)[0]
 
     # -- grids ---------------------------------------------------------------------------------------
-    def timesteps(self, steps: int, spacing: str, strength: float = 1.0) -> Tensor:
-        """The grid, generation order, for ``steps`` solver steps over the whole range and inversion depth
-        ``strength``: ``"time"`` is the family's reference sampler grid (VP models: :func:`diffusers_timesteps`);
-        ``"lambda"``/``"sigma"`` are uniform in those variables from ``strength * T`` with ``round(steps *
-        strength)`` steps."""
+    def timesteps(self, steps: int, spacing: str, strength: float = 1.0, size: tuple[int, int] | None = None) -> Tensor:
+        """The grid, generation order, for ``steps`` solver steps over the whole range, inversion depth
+        ``strength`` and image ``size`` (default: native; the grid may depend on it): ``"time"`` is the family's
+        reference sampler grid (VP models: :func:`diffusers_timesteps`); ``"lambda"``/``"sigma"`` are uniform in
+        those variables from ``strength * T`` with ``round(steps * strength)`` steps."""
         if spacing == "time":
             return diffusers_timesteps(self.pipe.scheduler.config, steps, strength)
         schedule = self.schedule

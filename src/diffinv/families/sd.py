@@ -19,6 +19,7 @@ class StableDiffusion(ModelFamily):
     name = "sd"
     pipelines = ("StableDiffusionPipeline",)
     smoothing = ("npi", "proximal", "smooth-lora")
+    controls = ("p2p",)
     load_options: ClassVar[dict[str, Any]] = {
         "safety_checker": None,
         "feature_extractor": None,
