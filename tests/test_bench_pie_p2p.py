@@ -34,8 +34,9 @@ def test_pie_p2p_rows_are_the_official_settings():
 
 
 def test_inversion_is_checked_and_part_of_the_run_identity(tmp_path, capsys):
-    with pytest.raises(ValueError, match="DirectInversion needs a one-step solver"):
-        RunConfig(model="m", solver="edict", inversion="direct")
+    with pytest.raises(ValueError, match="null-text inversion needs a one-step solver"):
+        RunConfig(model="m", solver="edict", inversion="null-text")
+    assert RunConfig(model="m", solver="edict", inversion="direct").inversion == "direct"
     with pytest.raises(ValueError, match="unknown inversion method"):
         RunConfig(model="m", inversion="ddim")
     with pytest.raises(ValueError, match="unknown control"):

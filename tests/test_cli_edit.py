@@ -139,7 +139,7 @@ def test_edit_with_a_pivot_inversion(setup, inversion, capsys):
         (["--out", "edit.xyz"], "suffix"),
         (["--smoothing", "blur"], "--smoothing"),
         (["--inversion", "nope"], "--inversion"),
-        (["--inversion", "direct", "--solver", "edict"], "DirectInversion needs a one-step solver"),
+        (["--inversion", "null-text", "--solver", "edict"], "null-text inversion needs a one-step solver"),
         (["--inversion", "null-text", "--solver", "dpmpp_2m"], "null-text inversion needs a one-step solver"),
         (["--inversion", "null-text", "--smoothing", "npi"], "does not combine with smoothing npi"),
     ],

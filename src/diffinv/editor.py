@@ -507,7 +507,7 @@ class Editor:
             )
             if method == "direct":
                 model = _GuidedEps(self, cond, uncond, self.guidance)
-                result.offsets = direct_offsets(model, self.solver, inv.grid, pivot)
+                result.offsets = direct_offsets(model, inv, pivot)
                 return result
         with self.family.placed():  # null-text: gradients through the UNet (inversions.py turns them on)
             result.null_embeddings = null_text_embeddings(

@@ -11,9 +11,10 @@ keeping the latent at every grid index. Then, along the generation direction wit
   embedding. Gradients flow through the whole solver step, so any one-step solver works (RK stages included)
   where its own step is accurate at guidance 1 (no embedding corrects a far-off step).
 * **DirectInversion** (Ju et al., ICLR 2024): the differences ``pivot_{k+1} - step(pivot_k)``
-  (:mod:`diffinv.controls.direct`).
+  (:mod:`diffinv.controls.direct`), for every solver.
 
-Coupled, two-step and multistep solvers are refused (:func:`diffinv.controls.direct.check_one_step`).
+Null-text inversion refuses coupled, two-step and multistep solvers (:func:`diffinv.controls.direct.check_one_step`):
+the step it optimises would also depend on a second state that the embedding of earlier steps moved.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def check_method(method: str, solver: Solver, smoothing: Sequence[str] = ()) -> 
         raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(INVERSION_METHODS)}")
     if method == "plain":
         return
-    check_one_step(solver, _METHOD_NAMES[method])
+    if method == "null-text":
+        check_one_step(solver, _METHOD_NAMES[method])
     clash = [s for s in smoothing if s in ("npi", "proximal")]
     if clash:
         raise ValueError(
@@ -69,10 +71,11 @@ def pivot_inversion(
     return inv, [trajectory[k] for k in range(len(timesteps))]
 
 
-def direct_offsets(model: EpsModel, solver: Solver, grid: Grid, pivot: list[Tensor]) -> Tensor:
-    """DirectInversion's per-step differences along ``pivot`` under the guided ``model``: ``(steps, N, ...)``."""
-    check_one_step(solver, "DirectInversion")
-    return compute_offsets(solver, Field(model, grid.schedule), grid, pivot)
+def direct_offsets(model: EpsModel, inv: Inversion, pivot: list[Tensor]) -> Tensor:
+    """DirectInversion's per-step differences along ``pivot`` under the guided ``model``: ``(steps, N, ...)``,
+    from the generation state that ``inv`` (the pivot inversion) hands to an edit."""
+    start = inv.solver.to_generation(inv.state, inv.grid)
+    return compute_offsets(inv.solver, Field(model, inv.grid.schedule), inv.grid, pivot, start)
 
 
 DenoiseFn = Callable[[Tensor, Tensor, Conditioning], Tensor]

@@ -40,7 +40,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--inversion-guidance", type=float, help="CFG scale while inverting (default: --guidance)")
     p.add_argument(
         "--inversion",
-        help="plain (default), null-text or direct (DirectInversion, with P2P); the last two need a one-step solver",
+        help="plain (default), null-text (needs a one-step solver: ddim, euler, heun, rk4, ees..) or direct (with P2P)",
     )
     p.add_argument("--smoothing", nargs="*", help="smoothing strategies: npi, proximal, smooth-lora (default: none)")
     p.add_argument(

@@ -55,7 +55,7 @@ def add_parser(sub: Any) -> None:
         default="plain",
         help="plain (default: the solver's inversion at --inversion-guidance), null-text (Mokady et al.: per-step "
         "null embeddings optimised for --guidance) or direct (DirectInversion: per-step source-branch offsets; "
-        "with --control p2p); null-text and direct need a one-step solver (ddim, euler, heun, rk4, ees25, ees27, ...)",
+        "with --control p2p, any solver); null-text needs a one-step solver (ddim, euler, heun, rk4, ees25, ...)",
     )
     p.add_argument("--negative-prompt", default="", help="unconditional prompt (default: empty)")
     p.add_argument(

@@ -1,16 +1,18 @@
-"""DirectInversion / PnP Inversion (Ju et al., ICLR 2024) generalised to any one-step solver.
+"""DirectInversion / PnP Inversion (Ju et al., ICLR 2024) generalised to every solver.
 
 The inversion runs at guidance 1 (the pivot trajectory ``x*_0 .. x*_N``, grid indices). For each generation step
-``k`` the guided step from the pivot lands at ``step(x*_k)``; the stored difference ``d_k = x*_{k+1} - step(x*_k)``
+``k`` the guided step from the pivot lands at ``step(s_k).x``; the stored difference ``d_k = x*_{k+1} - step(s_k).x``
 is added to the *source* branch after every step of an edit, so that it walks exactly along the pivot and ends on
 the source latent, while the target branches keep their own latents (and see the source through Prompt-to-Prompt).
 This is cure-lab/PnPInversion's ``offset_calculate`` + ``latents[:1] + noise_loss[:1]``.
 
-It needs a solver whose state is the latent alone (DDIM, every explicit Runge-Kutta method incl. EES): then
-"being on the trajectory at grid index k" determines the next step. Two-step (BDIA, BELM), coupled (EDICT) and
-reversible-pair (Rex, reversible Heun, McCallum-Foster) solvers carry a second state that the correction would
-have to move as well, and they already reconstruct exactly, so the correction would be zero: they are refused.
-Multistep DPM-Solver++(2M) carries the previous derivative and is refused for the same reason.
+``s_k`` is the whole solver state the corrected source branch holds at index ``k``: its latent is on the pivot, and
+whatever else the solver carries (DPM-Solver++(2M)'s previous data prediction, BDIA/BELM's previous latent, EDICT's,
+Rex's or reversible Heun's second latent) is what the step before produced from the pivot. The offsets are computed
+by walking the same states, so the correction is exact for every solver; only the latent is corrected (the other
+components keep what the guided steps gave them).
+
+:func:`check_one_step` is what null-text inversion needs: its optimised step must start from the latent alone.
 """
 
 from __future__ import annotations
@@ -56,12 +58,19 @@ class DirectOffsets:
         return add
 
 
-def compute_offsets(solver: Solver, field: Any, grid: Any, pivot: list[Tensor]) -> Tensor:
-    """``d_k = x*_{k+1} - step(x*_k)`` along the pivot trajectory (``pivot[k]`` at grid index ``k``)."""
+def compute_offsets(solver: Solver, field: Any, grid: Any, pivot: list[Tensor], start: Any = None) -> Tensor:
+    """``d_k = x*_{k+1} - step(s_k).x`` along the pivot (``pivot[k]`` at grid index ``k``).
+
+    ``s_k`` is the generation state the source branch has at index ``k``: from ``start`` (default ``State(x*_0)``),
+    each step's result with its latent put back on the pivot, so a state carrying more than the latent (a cached
+    derivative, a second latent) holds exactly what the corrected source branch will hold.
+    """
     from ..solvers import State
 
+    state = State(pivot[0]) if start is None else start
     out = []
     for k in range(grid.steps):
-        moved = solver.step(field, grid, k, State(pivot[k])).x
-        out.append(pivot[k + 1] - moved)
+        moved = solver.step(field, grid, k, state)
+        out.append(pivot[k + 1] - moved.x)
+        state = type(moved)(**{**vars(moved), "x": pivot[k + 1]})
     return torch.stack(out)
