@@ -92,11 +92,19 @@ def variants() -> None:
 
 
 def asymmetry(nodes: tuple[float, ...]) -> float:
-    """How far the stage times of a step are from symmetric (c <-> 1 - c), with the two grid ends 0 and 1 one point
-    (a stage at a grid point is shared with the neighbouring step): 0 for RK4, EES(2,5;1/4), EES(2,7;0 or
-    (2-sqrt2)/4)."""
-    inner = sorted(c for c in nodes if 1e-12 < c < 1 - 1e-12)
-    return max((abs(a - (1 - b)) for a, b in zip(inner, reversed(inner))), default=0.0)
+    """How far the stage times of a step are from symmetric (c <-> 1 - c): the Hausdorff distance between the sets
+    {c} and {1 - c} on the circle t mod 1 (the grid ends 0 and 1 are one point: a stage there is shared with the
+    neighbouring step). 0 for RK4, Heun, midpoint, EES(2,5;1/4), EES(2,7;0) and EES(2,7;(2-sqrt2)/4)."""
+
+    def gap(a: float, b: float) -> float:
+        d = abs(a - b) % 1.0
+        return min(d, 1.0 - d)
+
+    mirrored = [1.0 - c for c in nodes]
+    return max(
+        max(min(gap(c, m) for m in mirrored) for c in nodes),
+        max(min(gap(m, c) for c in nodes) for m in mirrored),
+    )
 
 
 def members() -> None:
