@@ -384,7 +384,8 @@ def _browser():
 
 
 def test_browser_compare_two_solvers(digits_server, digit_example, tmp_path):
-    """The default page (the digits model): upload, prompts, two solvers, compare; nothing loaded from outside."""
+    """The default page (the digits model): upload, prompts, two solvers, compare; nothing loaded from outside.
+    The default EES(2,7) against its symmetric member: the learned network's round trip (docs/digits-roundtrip.md)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -404,11 +405,11 @@ def test_browser_compare_two_solvers(digits_server, digit_example, tmp_path):
         for box in browser.find_elements(By.CSS_SELECTOR, "#solvers input[type=checkbox]"):
             if box.is_selected():
                 box.click()
-        for name in ("ees27", "edict"):
+        for name in ("ees27", "ees27_sym"):
             browser.find_element(By.XPATH, f"//*[@id='solvers']//label[normalize-space()='{name}']").click()
         browser.find_element(By.CSS_SELECTOR, "#compare").click()
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#grid img")))
-        wait.until(lambda b: "edict" in b.find_element(By.CSS_SELECTOR, "#table").text)
+        wait.until(lambda b: "ees27_sym" in b.find_element(By.CSS_SELECTOR, "#table").text)
         rows = [
             r.text
             for r in browser.find_elements(By.CSS_SELECTOR, "#table [role=row]")
@@ -420,7 +421,9 @@ def test_browser_compare_two_solvers(digits_server, digit_example, tmp_path):
         fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     finally:
         browser.quit()
-    assert [r.split()[0] for r in rows] == ["ees27", "edict"], rows
+    assert [r.split()[0] for r in rows] == ["ees27", "ees27_sym"], rows
+    default, symmetric = (float(r.split()[2]) for r in rows)  # the round trip on a learned network
+    assert symmetric < default / 10, rows
     assert "error" not in page.lower()
     elsewhere = [u for u in fetched if not u.startswith(digits_server) and not u.startswith(("data:", "blob:"))]
     assert not elsewhere, elsewhere  # the page loads nothing from outside the local server

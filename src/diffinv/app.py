@@ -49,7 +49,7 @@ __all__ = [
     "parse_targets",
 ]
 
-DEFAULT_SOLVERS = ("ees27", "edict", "ddim")
+DEFAULT_SOLVERS = ("ees27", "ees27_sym", "edict", "ddim")
 TABLE_COLUMNS = ["solver", "grid", "round-trip RMSE", "reconstruction PSNR dB", "background PSNR dB", "model calls"]
 TABLE_COLUMNS += ["seconds"]
 CACHE_SIZE = 32  # inversions kept (one per image, prompt, solver and settings)
