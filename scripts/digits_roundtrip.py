@@ -6,6 +6,7 @@
     python scripts/digits_roundtrip.py members         # EES(2,5;x) and EES(2,7;x) over x: error vs node asymmetry
     python scripts/digits_roundtrip.py lowpass         # default EES on a Gaussian-low-passed time embedding
     python scripts/digits_roundtrip.py fine            # default EES vs RK4 with steps finer than one timestep
+    python scripts/digits_roundtrip.py tinysd          # the same solvers on the random-weight SD test UNet
 
 Float64 weights and state, lambda grid, source digits 3, invert and generate under the same guided model.
 """
@@ -178,9 +179,33 @@ def fine() -> None:
         print(f"{n:5d} steps  " + "  ".join(f"{s} {v:.2e}" for s, v in row.items()), flush=True)
 
 
+def tinysd() -> None:
+    """Relative latent round trip on the tests' tiny SD-architecture UNet (random weights, float64, default grid,
+    no guidance): the same diffusers sinusoidal time embedding as Stable Diffusion's UNets."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(root / "tests"), str(root / "benchmarks")]
+    from common import UNetEps, latent
+    from tiny import float64_copy, tiny_unet
+
+    from diffinv.schedules import NoiseSchedule
+
+    schedule = NoiseSchedule.scaled_linear()
+    model = UNetEps(float64_copy(tiny_unet(sample_size=8)))
+    x0 = latent(8, dtype=torch.float64)
+    print("steps       10       20       50       100")
+    for solver in ("ees27", "ees27_sym", "ees25", "ees25_sym", "rk4"):
+        row = []
+        for n in (10, 20, 50, 100):
+            out = generate(model, invert(model, x0, schedule, solver=solver, steps=n))
+            row.append((out - x0).norm().item() / x0.norm().item())
+        print(f"{solver:10s} " + "  ".join(f"{v:.1e}" for v in row), flush=True)
+
+
 if __name__ == "__main__":
     start = time.perf_counter()
     commands = {"probe": probe, "steps": steps_table, "variants": variants, "members": members, "lowpass": lowpass}
-    commands["fine"] = fine
+    commands |= {"fine": fine, "tinysd": tinysd}
     commands[sys.argv[1]](*sys.argv[2:])
     print(f"({time.perf_counter() - start:.0f} s)")
