@@ -29,6 +29,7 @@ from diffinv.app import (
     BUILTIN_MODELS,
     DEFAULT_MODEL,
     TOY_DISPLAY,
+    DigitsBackend,
     EditorBackend,
     InversionCache,
     Settings,
@@ -57,6 +58,18 @@ def example(toy, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def digits():
+    return load_backend()  # the default model
+
+
+@pytest.fixture(scope="module")
+def digit_example(digits, tmp_path_factory):
+    path = tmp_path_factory.mktemp("app") / "three.png"
+    digits.examples()[0][0].save(path)
+    return path
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,6 +95,13 @@ def toy_server(toy):
 @pytest.fixture(scope="module")
 def client(toy_server):
     return gradio_client.Client(toy_server, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def digits_server(digits):
+    demo, url = _serve(digits)
+    yield url
+    demo.close()
 
 
 # -- compare ------------------------------------------------------------------------------------
@@ -187,9 +207,29 @@ def test_compare_bad_input(toy, example, kwargs, message):
         compare(toy, **args)
 
 
-def test_default_model_is_pluggable():
-    assert DEFAULT_MODEL in BUILTIN_MODELS
-    assert isinstance(load_backend(None), BUILTIN_MODELS[DEFAULT_MODEL]().__class__)
+def test_default_model_is_the_shipped_digits_network_and_the_toy_stays_by_name(digits):
+    assert DEFAULT_MODEL == "digits" and isinstance(digits, DigitsBackend)
+    assert isinstance(load_backend("toy"), ToyBackend) and set(BUILTIN_MODELS) == {"digits", "toy"}
+
+
+def test_compare_digits_exact_round_trip_and_the_solvers_own_edits(digits, digit_example):
+    result = compare(digits, digit_example, "digit 3", ["digit 8", "1"], ["edict", "ees27"], Settings(steps=10))
+    edict, ees = result.rows
+    assert edict.roundtrip_rmse < 1e-10 < 1e-6 < ees.roundtrip_rmse  # float64 state: EDICT to round-off
+    assert ees.calls == 3 * 10 * 4  # invert, reconstruct, edit: 10 steps of 4 stages (guidance batched)
+    # The example's own pixels (grey, 16 px) reach the model; the edits are the model's ODE solves.
+    x = digits.prepare(digit_example)
+    net = digits.net
+    assert torch.equal(x[0], x[2]) and (x[0] - net.sources(3, 1)[0, 0]).abs().max() < 1 / 255
+    ts = digits._timesteps("ees27", Settings(steps=10))
+    inv = invert(net.eps(3, 3.0), x[None, :1], net.schedule, solver="ees27", timesteps=ts)
+    for digit, edit in zip((8, 1), ees.edits):
+        alone = generate(net.eps(digit, 3.0), inv)[0]
+        assert edit.shape == (3, 16, 16) and torch.allclose(edit[1], alone[0], atol=1e-6)
+    assert (ees.edits[0] - ees.edits[1]).abs().max() > 0.5  # an 8 is not a 1
+    assert math.isnan(ees.background_psnr)  # no mask known: give one for a background score
+    with pytest.raises(ValueError, match="not a digits prompt"):
+        compare(digits, digit_example, "digit 3", ["a cat"], ["ddim"], Settings(steps=2))
 
 
 # -- the Gradio API -----------------------------------------------------------------------------
@@ -232,6 +272,21 @@ def test_api_bad_input_is_an_error_not_a_crash(client, example, source, targets,
         _predict(client, gradio_client.handle_file(str(example)), source, targets, solvers, steps)
     _, table, _ = _predict(client, gradio_client.handle_file(str(example)), "gray box", "night scene", ["ddim"], 5)
     assert len(table["data"]) == 1  # the server still answers
+
+
+def test_api_compare_on_the_default_digits_model(digits_server, digit_example):
+    c = gradio_client.Client(digits_server, verbose=False)
+    grid, table, archive = _predict(
+        c, gradio_client.handle_file(str(digit_example)), "digit 3", ["digit 8", "digit 1"], ["edict", "ddim"], 10
+    )
+    assert [row[0] for row in table["data"]] == ["edict", "ddim"]
+    assert float(table["data"][0][2]) < 1e-10 < float(table["data"][1][2])  # round trip: EDICT exact, DDIM not
+    assert Image.open(grid).size[0] == 4 * TOY_DISPLAY  # source, reconstruction, two edits
+    with zipfile.ZipFile(archive) as z:
+        record = json.loads(z.read("settings.json"))
+    assert record["settings"]["edict"]["model"] == "digits" and record["target_prompts"] == ["digit 8", "digit 1"]
+    with pytest.raises(gradio_client.exceptions.AppError, match="not a digits prompt"):
+        _predict(c, gradio_client.handle_file(str(digit_example)), "gray box", "digit 8", ["ddim"], 2)
 
 
 def test_api_compare_tiny_sd(tmp_path):
@@ -279,7 +334,10 @@ def test_cli_app_serves_the_chosen_model_on_the_chosen_address(monkeypatch, tmp_
     monkeypatch.setattr(gr.Blocks, "launch", launch)
     assert cli.main(["app", "--host", "0.0.0.0", "--port", "7999"]) == 0
     assert (launched["server_name"], launched["server_port"]) == ("0.0.0.0", 7999)
-    assert any("toy-scenes" in str(m) for m in launched["markdown"])  # no --model: the offline toy model
+    assert any("**digits**" in str(m) for m in launched["markdown"])  # no --model: the shipped digits network
+    launched.clear()
+    assert cli.main(["app", "--model", "toy"]) == 0
+    assert any("toy-scenes" in str(m) for m in launched["markdown"])  # the toy model by name
     model = tmp_path / "tiny-sd"
     tiny_sd_pipe().save_pretrained(model)
     launched.clear()
@@ -325,31 +383,33 @@ def _browser():
     return webdriver.Chrome(options=options, service=Service(driver))
 
 
-def test_browser_compare_two_solvers(toy_server, example, tmp_path):
+def test_browser_compare_two_solvers(digits_server, digit_example, tmp_path):
+    """The default page (the digits model): upload, prompts, two solvers, compare; nothing loaded from outside.
+    The default EES(2,7) against its symmetric member: the learned network's round trip (docs/digits-roundtrip.md)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser = _browser()
     try:
-        browser.get(toy_server)
+        browser.get(digits_server)
         wait = WebDriverWait(browser, 60)
         upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]")))
-        upload.send_keys(str(example))
+        upload.send_keys(str(digit_example))
         source = browser.find_element(By.CSS_SELECTOR, "#source textarea, #source input")
         source.clear()
-        source.send_keys("gray box")
+        source.send_keys("digit 3")
         targets = browser.find_element(By.CSS_SELECTOR, "#targets textarea")
         targets.clear()
-        targets.send_keys("red box 0.4\nnight scene")
+        targets.send_keys("digit 8\ndigit 1\ndigit 5")
         for box in browser.find_elements(By.CSS_SELECTOR, "#solvers input[type=checkbox]"):
             if box.is_selected():
                 box.click()
-        for name in ("ees27", "edict"):
+        for name in ("ees27", "ees27_sym"):
             browser.find_element(By.XPATH, f"//*[@id='solvers']//label[normalize-space()='{name}']").click()
         browser.find_element(By.CSS_SELECTOR, "#compare").click()
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#grid img")))
-        wait.until(lambda b: "edict" in b.find_element(By.CSS_SELECTOR, "#table").text)
+        wait.until(lambda b: "ees27_sym" in b.find_element(By.CSS_SELECTOR, "#table").text)
         rows = [
             r.text
             for r in browser.find_elements(By.CSS_SELECTOR, "#table [role=row]")
@@ -361,9 +421,11 @@ def test_browser_compare_two_solvers(toy_server, example, tmp_path):
         fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     finally:
         browser.quit()
-    assert [r.split()[0] for r in rows] == ["ees27", "edict"], rows
+    assert [r.split()[0] for r in rows] == ["ees27", "ees27_sym"], rows
+    default, symmetric = (float(r.split()[2]) for r in rows)  # the round trip on a learned network
+    assert symmetric < default / 10, rows
     assert "error" not in page.lower()
-    elsewhere = [u for u in fetched if not u.startswith(toy_server) and not u.startswith(("data:", "blob:"))]
+    elsewhere = [u for u in fetched if not u.startswith(digits_server) and not u.startswith(("data:", "blob:"))]
     assert not elsewhere, elsewhere  # the page loads nothing from outside the local server
     assert Image.open(shot).size[0] > 0
     keep = os.environ.get("DIFFINV_APP_SCREENSHOT")

@@ -15,8 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
-    return load_digits_model()
+    return load_digits_model()  # one intra-op thread, as the whole suite (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +31,21 @@ def test_shipped_files_are_small_safetensors_and_packaged():
     for path in (digits.UNET_FILE, digits.JUDGE_FILE, digits.SAMPLES_FILE):
         assert path.is_file() and path.stat().st_size <= 1_000_000, path
         assert path.read_bytes()[8:9] == b"{", f"{path.name} is not a safetensors file"
+
+
+def test_training_reproduces_from_its_seed_and_the_shipped_sources_from_load_digits():
+    """``python -m diffinv.train_digits``: the shipped source digits are scikit-learn's, and training is a function
+    of its seed (two 2-step runs with one seed agree bit for bit, another seed differs)."""
+    from helpers import require
+    from safetensors.torch import load_file
+
+    from diffinv import train_digits
+
+    require("sklearn", reason="training data: scikit-learn's load_digits")
+    assert torch.equal(load_file(str(digits.SAMPLES_FILE))["images"], train_digits.sample_digits())
+    runs = [train_digits.train_unet(steps=2, batch=4, seed=s, log=False)[0].state_dict() for s in (1, 1, 2)]
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
 
 
 def test_model_loads_offline_and_the_judge_reads_real_and_generated_digits(model):
@@ -74,27 +88,31 @@ def edit(model, solver, steps, spacing, x0, target=8, w=3.0, **opts):
 
 
 def test_trade_off_exact_solvers_on_the_time_grid_drift_from_the_reference_edit(model):
-    """At w = 3 the exact solvers on the time grid land >= 10x farther from a converged edit than EES(2,7)."""
+    """At w = 3 the exact solvers on the time grid land >= 10x farther from the reference edit than EES(2,7).
+
+    The reference, RK4 with 50 lambda steps, is within 0.010 of RK4 x 400 on this image (0.006 at 100 steps: the
+    learned field is not smooth in t, so no reference is closer than ~0.005); BDIA drifts 0.44, O-BELM 0.25 from it,
+    EES(2,7) at 25 steps 0.006 (measured).
+    """
     x0 = model.sources(3, 1)
-    reference = edit(model, "rk4", 100, "lambda", x0)
+    reference = edit(model, "rk4", 50, "lambda", x0)
     ees = rmse(edit(model, "ees27", 25, "lambda", x0), reference)
     exact = {name: rmse(edit(model, name, 25, "time", x0), reference) for name in ("bdia", "belm")}
-    assert ees < 0.05, ees
+    assert ees < 0.02, ees
     assert min(exact.values()) >= 10 * ees, (ees, exact)
 
 
 def test_ees_round_trip_on_the_learned_model_needs_symmetric_stage_times(model64):
-    """Pinned (docs/digits-roundtrip.md): at w = 1, 50 lambda steps, the default EES members do not round-trip
-    (7.5e-4 and 1.2e-3 measured), the members with symmetric nodes do (8.4e-7 and 1.2e-6), as RK4 (8.3e-7)."""
-    import math
-
-    x0 = model64.sources(3, 2)
+    """Pinned (docs/digits-roundtrip.md): one real 3, w = 1, 25 lambda steps: the default EES members do not
+    round-trip (1.2e-3 and 1.9e-3 measured), the members with symmetric nodes, ees27_sym and ees25_sym, do
+    (2.7e-6 and 1.1e-5), as RK4 (1.9e-5). The default members' error does not fall with steps (7.7e-4 / 1.2e-3
+    at 50)."""
+    x0 = model64.sources(3, 1)
     eps = model64.eps(3, 1.0)
 
-    def round_trip(solver, **options):
-        inv = diffinv.invert(eps, x0, model64.schedule, solver=solver, steps=50, spacing="lambda", **options)
+    def round_trip(solver):
+        inv = diffinv.invert(eps, x0, model64.schedule, solver=solver, steps=25, spacing="lambda")
         return rmse(diffinv.generate(eps, inv), x0)
 
-    assert round_trip("ees27") > 2e-4 and round_trip("ees25") > 2e-4
-    assert round_trip("ees27", x=(2 - math.sqrt(2)) / 4) < 5e-6
-    assert round_trip("ees25", x=0.25) < 5e-6
+    assert round_trip("ees27") > 5e-4 and round_trip("ees25") > 5e-4
+    assert round_trip("ees27_sym") < 3e-5 and round_trip("ees25_sym") < 3e-5

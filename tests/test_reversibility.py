@@ -99,6 +99,26 @@ def test_family_members_with_nodes_beyond_one_run_on_full_grids():
 SYMMETRIC = {"ees25": 0.25, "ees27": (2 - 2**0.5) / 4}
 
 
+@pytest.mark.parametrize("name", SYMMETRIC)
+def test_named_symmetric_members_are_the_x_option_and_listed(name, capsys):
+    """``ees25_sym`` / ``ees27_sym`` are ``ees25 --solver-option x=0.25`` (resp. x = (2-sqrt2)/4), bit for bit."""
+    from diffinv import cli
+    from diffinv.analytic import GaussianModel
+    from diffinv.commands import parse_key_values
+
+    named = diffinv.get_solver(f"{name}_sym")
+    option = diffinv.get_solver(name, **parse_key_values([f"x={SYMMETRIC[name]!r}"], "--solver-option"))
+    assert named.tableau == option.tableau and named.options() == {"form": "lambda-x"}
+    sched = sd_schedule()
+    model = GaussianModel(sched, torch.zeros(2, 3, dtype=torch.float64), 0.5)
+    x0 = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = diffinv.invert(model, x0, sched, solver=named, steps=8)
+    b = diffinv.invert(model, x0, sched, solver=option, steps=8)
+    assert torch.equal(a.latent, b.latent) and a.latent.abs().max() > 0
+    assert cli.main(["list-solvers"]) == 0
+    assert f"{name}_sym" in capsys.readouterr().out.split()
+
+
 @pytest.mark.parametrize("form", ("lambda-x", "t"))
 @pytest.mark.parametrize("name", SYMMETRIC)
 def test_symmetric_ees_members_keep_the_reversal_order(name, form):

@@ -2,8 +2,9 @@
 
 :func:`compare` is the whole computation: each ticked solver inverts the image once under the source prompt
 (cached: a second call with only new targets reuses it), reconstructs it and edits every target in one batch.
-A :class:`Backend` supplies the model: :class:`ToyBackend`, the exact toy scenes of ``diffinv demo`` (offline,
-seconds on a CPU), or :class:`EditorBackend`, a diffusers model through :class:`diffinv.editor.Editor`.
+A :class:`Backend` supplies the model: :class:`DigitsBackend`, the shipped trained digits network (the default;
+offline, seconds on a CPU), :class:`ToyBackend`, the exact toy scenes of ``diffinv demo``, or
+:class:`EditorBackend`, a diffusers model through :class:`diffinv.editor.Editor`.
 :func:`build_app` puts a Gradio page over it; the button's function is also the API endpoint ``"compare"``.
 """
 
@@ -37,7 +38,9 @@ __all__ = [
     "DEFAULT_SOLVERS",
     "Backend",
     "CompareResult",
+    "DigitsBackend",
     "EditorBackend",
+    "FieldBackend",
     "Settings",
     "ToyBackend",
     "build_app",
@@ -46,11 +49,12 @@ __all__ = [
     "parse_targets",
 ]
 
-DEFAULT_SOLVERS = ("ees27", "edict", "ddim")
+DEFAULT_SOLVERS = ("ees27", "ees27_sym", "edict", "ddim")
 TABLE_COLUMNS = ["solver", "grid", "round-trip RMSE", "reconstruction PSNR dB", "background PSNR dB", "model calls"]
 TABLE_COLUMNS += ["seconds"]
 CACHE_SIZE = 32  # inversions kept (one per image, prompt, solver and settings)
-TOY_DISPLAY = 96  # toy images are 16 px: shown enlarged (nearest) so that captions fit
+DIGITS = tuple("0123456789")  # the digits model's prompts (also as "digit 8")
+TOY_DISPLAY = 96  # built-in models' images are 16 px: shown enlarged (nearest) so that captions fit
 
 
 @dataclass(frozen=True)
@@ -126,35 +130,36 @@ class Backend:
         return []
 
 
-class ToyBackend(Backend):
-    """The exact toy scenes of ``diffinv demo`` (:class:`diffinv.analytic.ToyScenes`): prompts are its scene names."""
+class FieldBackend(Backend):
+    """A built-in model given as a guided ``eps(x, t)`` field on a schedule, solved by :mod:`diffinv.solve` itself.
 
-    name = "toy-scenes"
-    threads = 1  # the toy tensors are tiny: more threads only wait on each other (as in diffinv demo)
+    Subclasses say how prompts become a guided field (:meth:`guided`) and how the app's ``(3, H, W)`` images
+    map to the model's state (:meth:`to_state`, :meth:`from_state`). The state is float64, so exactly
+    reversible solvers round-trip to float64 round-off.
+    """
 
-    def __init__(self, size: int = 16, source: str = "gray box"):
-        from .analytic import ToyScenes
+    threads = 1  # tiny tensors: more threads only wait on each other (as in diffinv demo)
+    schedule: Any  # the model's NoiseSchedule
 
-        self.scenes = ToyScenes(size=size)
-        self.source = source
-        self.smoothing = ("npi",)
+    def guided(
+        self, prompts: str | list[str], guidance: float, negative: str | None
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """The guided field of ``prompts`` (one, or one per sample); ``negative`` replaces the unconditional branch."""
+        raise NotImplementedError
 
-    def prepare(self, image: Any) -> Tensor:
-        # A box filter: an example enlarged by an integer factor (nearest) comes back exactly.
-        size = self.scenes.size
-        return pil_to_tensor([load_image(image).resize((size, size), Image.Resampling.BOX)])[0].double()
+    def to_state(self, image: Tensor) -> Tensor:
+        """A prepared ``(3, H, W)`` image as a batch of one model input."""
+        return image[None]
 
-    def check_prompt(self, prompt: str, what: str) -> None:
-        super().check_prompt(prompt, what)
-        if prompt not in self.scenes.names:
-            names = ", ".join(map(repr, self.scenes.names))
-            raise ValueError(f"{what} {prompt!r} is not a toy-scene prompt; choose one of {names}")
+    def from_state(self, x: Tensor) -> Tensor:
+        """Model outputs ``(N, C, H, W)`` as app images ``(N, 3, H, W)``."""
+        return x
 
     def _timesteps(self, solver: str, settings: Settings) -> Tensor:
         from .demo import grid_timesteps
         from .schedules import make_grid
 
-        schedule, steps = self.scenes.schedule, settings.steps
+        schedule, steps = self.schedule, settings.steps
         spacing = resolve_spacing(get_solver(solver), settings.spacing)
         if settings.strength == 1.0:
             return grid_timesteps(schedule, steps, spacing)
@@ -163,7 +168,7 @@ class ToyBackend(Backend):
         return make_grid(schedule, max(1, round(steps * settings.strength)), spacing, settings.strength * schedule.T)
 
     def _field(self, prompts: str | list[str], guidance: float, negative: Any) -> Callable[[Tensor, Tensor], Tensor]:
-        field = self.scenes.guided(prompts, guidance, negative=negative)
+        field = self.guided(prompts, guidance, negative)
 
         def counted(x: Tensor, t: Tensor) -> Tensor:
             self.calls += 1
@@ -178,8 +183,8 @@ class ToyBackend(Backend):
         w = 1.0 if npi else (settings.guidance if settings.inversion_guidance is None else settings.inversion_guidance)
         inv = invert(
             self._field(source, w, None),
-            image[None],
-            self.scenes.schedule,
+            self.to_state(image.double()),
+            self.schedule,
             solver=solver,
             timesteps=self._timesteps(solver, settings),
         )
@@ -188,7 +193,7 @@ class ToyBackend(Backend):
     def reconstruct(self, handle: Any) -> Tensor:
         from .solve import generate
 
-        return generate(self._field(handle["source"], handle["w"], None), handle["inv"])[0]
+        return self.from_state(generate(self._field(handle["source"], handle["w"], None), handle["inv"]))[0]
 
     def edit(self, handle: Any, targets: Sequence[str], settings: Settings) -> list[Tensor]:
         from .editor import _replicate  # the inverted state once per target, as Editor.edit batches it
@@ -196,10 +201,7 @@ class ToyBackend(Backend):
 
         batch = _replicate(handle["inv"], [0] * len(targets))
         negative = handle["source"] if handle["npi"] else None
-        return list(generate(self._field(list(targets), settings.guidance, negative), batch))
-
-    def edit_mask(self, source: str, target: str) -> Tensor | None:
-        return self.scenes.edit_mask(source, target)
+        return list(self.from_state(generate(self._field(list(targets), settings.guidance, negative), batch)))
 
     def display(self, image: Tensor) -> Image.Image:
         return super().display(image).resize((TOY_DISPLAY, TOY_DISPLAY), Image.Resampling.NEAREST)
@@ -212,6 +214,39 @@ class ToyBackend(Backend):
             "timesteps": self._timesteps(solver, settings).tolist(),
         }
 
+
+class ToyBackend(FieldBackend):
+    """The exact toy scenes of ``diffinv demo`` (:class:`diffinv.analytic.ToyScenes`): prompts are its scene names."""
+
+    name = "toy-scenes"
+
+    def __init__(self, size: int = 16, source: str = "gray box"):
+        from .analytic import ToyScenes
+
+        self.scenes = ToyScenes(size=size)
+        self.schedule = self.scenes.schedule
+        self.source = source
+        self.smoothing = ("npi",)
+
+    def prepare(self, image: Any) -> Tensor:
+        # A box filter: an example enlarged by an integer factor (nearest) comes back exactly.
+        size = self.scenes.size
+        return pil_to_tensor([load_image(image).resize((size, size), Image.Resampling.BOX)])[0].double()
+
+    def check_prompt(self, prompt: str, what: str) -> None:
+        super().check_prompt(prompt, what)
+        if prompt not in self.scenes.names:
+            names = ", ".join(map(repr, self.scenes.names))
+            raise ValueError(f"{what} {prompt!r} is not a toy-scene prompt; choose one of {names}")
+
+    def guided(
+        self, prompts: str | list[str], guidance: float, negative: str | None
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        return self.scenes.guided(prompts, guidance, negative=negative)
+
+    def edit_mask(self, source: str, target: str) -> Tensor | None:
+        return self.scenes.edit_mask(source, target)
+
     def examples(self) -> list[tuple[Image.Image, str, str]]:
         targets = "\n".join(n for n in self.scenes.names if n != self.source)
         out = []
@@ -219,6 +254,61 @@ class ToyBackend(Backend):
             x = self.scenes.sample(self.source, 1, generator=torch.Generator().manual_seed(seed))
             out.append((self.display(x[0]), self.source, targets))
         return out
+
+
+class DigitsBackend(FieldBackend):
+    """The shipped trained digits network (:mod:`diffinv.models.digits`): prompts are digits, ``"digit 8"`` or ``"8"``.
+
+    Images are shown grey, light strokes on black as the model was trained (16x16, one channel: the app's
+    RGB input is averaged to grey). Class-conditional guidance as in ``diffinv demo --model digits``.
+    """
+
+    name = "digits"
+
+    def __init__(self, source: int = 3, targets: Sequence[int] = (1, 5, 8)):
+        from .models.digits import load_digits_model
+
+        self.net = load_digits_model()
+        self.schedule = self.net.schedule
+        self.source, self.targets = source, tuple(targets)
+        self.smoothing = ("npi",)
+
+    @staticmethod
+    def digit(prompt: str) -> int | None:
+        """The digit a prompt names (``"8"``, ``"digit 8"``, any case), else None."""
+        words = prompt.strip().lower().split()
+        if words[:1] == ["digit"]:
+            words = words[1:]
+        return int(words[0]) if len(words) == 1 and words[0] in DIGITS else None
+
+    def prepare(self, image: Any) -> Tensor:
+        size = self.net.shape[-1]
+        rgb = pil_to_tensor([load_image(image).resize((size, size), Image.Resampling.BOX)])[0].double()
+        return rgb.mean(0, keepdim=True).expand(3, -1, -1).clone()
+
+    def to_state(self, image: Tensor) -> Tensor:
+        return image[None, :1]
+
+    def from_state(self, x: Tensor) -> Tensor:
+        return x.expand(-1, 3, -1, -1)
+
+    def check_prompt(self, prompt: str, what: str) -> None:
+        super().check_prompt(prompt, what)
+        if self.digit(prompt) is None:
+            raise ValueError(f"{what} {prompt!r} is not a digits prompt; write a digit 0-9, e.g. 'digit 8' or '8'")
+
+    def guided(
+        self, prompts: str | list[str], guidance: float, negative: str | None
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        labels = [self.digit(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+        return self.net.eps(labels, guidance, negative=None if negative is None else self.digit(negative))
+
+    def examples(self) -> list[tuple[Image.Image, str, str]]:
+        targets = "\n".join(f"digit {d}" for d in self.targets)
+        return [
+            (self.display(x.expand(3, -1, -1)), f"digit {self.source}", targets)
+            for x in self.net.sources(self.source, 2)
+        ]
 
 
 class EditorBackend(Backend):
@@ -297,9 +387,9 @@ def load_backend(model: str | None = None) -> Backend:
     return EditorBackend.from_pretrained(name)
 
 
-# Built-in models by name; the app runs DEFAULT_MODEL when no --model is given.
-BUILTIN_MODELS: dict[str, Callable[[], Backend]] = {"toy": ToyBackend}
-DEFAULT_MODEL = "toy"
+# Built-in models by name (offline); the app runs DEFAULT_MODEL when no --model is given.
+BUILTIN_MODELS: dict[str, Callable[[], Backend]] = {"digits": DigitsBackend, "toy": ToyBackend}
+DEFAULT_MODEL = "digits"
 
 
 # -- the comparison ------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="a built-in model name (toy) or a diffusers hub id / folder (default: the exact toy scenes, offline)",
+        help="a built-in model (digits: the shipped trained digits network; toy: the exact toy scenes) or a diffusers "
+        "hub id / folder (default: digits, offline)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..schedules import SPACINGS
-from ..tableaux import EES25, EES27, EULER, HEUN, MIDPOINT, RALSTON, RK4, Tableau, ees25, ees27
+from ..tableaux import EES25, EES27, EULER, HEUN, MIDPOINT, RALSTON, RK4, SQRT2, Tableau, ees25, ees27
 from .base import Grid, Solver, State
 from .coupled import BDIA, BELM, EDICT
 from .exponential import DDIM, DPMSolverPP2M
@@ -19,6 +19,8 @@ __all__ = [
     "BELM",
     "DDIM",
     "EDICT",
+    "EES25_SYM_X",
+    "EES27_SYM_X",
     "SOLVERS",
     "SPACING_CHOICES",
     "DPMSolverPP2M",
@@ -60,6 +62,22 @@ def _ees27(form: str = "lambda-x", x: float | None = None) -> Solver:
     return ExplicitRK(ees27(float(x)), form=form, name="ees27", x=float(x))
 
 
+# The EES members whose stage times are symmetric in the step (c <-> 1 - c): on a learned network, whose eps is not
+# smooth in t between trained timesteps, only they keep EES's near-reversible round trip (docs/digits-roundtrip.md).
+EES25_SYM_X = 0.25  # nodes {0, 1/2, 1}
+EES27_SYM_X = (2 - SQRT2) / 4  # nodes {0, 1 - 1/sqrt2, 1/sqrt2, 1}
+
+
+def _ees25_sym(form: str = "lambda-x") -> Solver:
+    """EES(2,5;1/4): nodes {0, 1/2, 1}, symmetric (= ``ees25`` with ``x=0.25``)."""
+    return ExplicitRK(ees25(EES25_SYM_X), form=form, name="ees25_sym")
+
+
+def _ees27_sym(form: str = "lambda-x") -> Solver:
+    """EES(2,7;(2 - sqrt 2)/4): nodes {0, 1 - 1/sqrt2, 1/sqrt2, 1}, symmetric (= ``ees27`` with that ``x``)."""
+    return ExplicitRK(ees27(EES27_SYM_X), form=form, name="ees27_sym")
+
+
 SOLVERS: dict[str, Callable[..., Solver]] = {
     "ddim": DDIM,
     "euler": _rk("euler", EULER),
@@ -69,6 +87,8 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "rk4": _rk("rk4", RK4),
     "ees25": _ees25,
     "ees27": _ees27,
+    "ees25_sym": _ees25_sym,
+    "ees27_sym": _ees27_sym,
     "dpmpp_2m": DPMSolverPP2M,
     "edict": EDICT,
     "bdia": BDIA,
