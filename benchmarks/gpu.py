@@ -9,7 +9,9 @@ pictures) and measures, per solver:
 * **images/s** at batch B = 1, 2, 4, 8 (B images inverted, edited and reconstructed together), eager and with
   ``compile`` (:mod:`diffinv.runtime`); the first compiled run's extra time is reported apart;
 * **peak GPU memory** of those runs, and of SDXL under ``offload="model"``;
-* ``Editor.edit`` (DDIM) against the plain diffusers pipeline at equal model calls.
+* ``Editor.edit`` (DDIM) against the plain diffusers pipeline at equal model calls;
+* **bench images/s**: ``run_bench`` end to end (VAE, PNGs, records, PSNR/MSE/SSIM) over a synthetic PIE-Bench
+  folder at ``--batch-size`` B = 1, 2, 4, 8, and how far each B's records are from B = 1's (float round-off).
 
 It writes (or replaces) its own section of BENCHMARKS.md, titled with the device's name; ``make bench``
 keeps that section when it rewrites the rest. On a CPU (no ``--device cuda``) it runs the tests' tiny pipeline
@@ -24,6 +26,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np
 import torch
 from common import ModuleTimer, _tests_tiny, fmt_s, latent, machine_info, md_table
 
@@ -355,6 +359,57 @@ def pipeline_row(pipe: Any, size: int, steps: int, repeat: int) -> list[Any]:
     return [inv.nfe, fmt_s(ours), fmt_s(theirs), f"{ours / theirs:.3f}"]
 
 
+def _synthetic_piebench(root: Path, size: int, n: int) -> Path:
+    """``n`` smooth random ``size``-px images with box masks and prompt pairs, in PIE-Bench's format."""
+    from PIL import Image
+
+    from diffinv.bench import write_piebench
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        mask = np.zeros((size, size), dtype=bool)
+        mask[size // 4 : size // 2, size // 4 : size // 2] = True
+        image = Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)
+        source, target = f"a photo of a cat number {i}", f"a photo of a dog number {i}"
+        items.append({"id": f"{i:012d}", "image": image, "mask": mask, "source": source, "target": target,
+                      "edit_type": i % 10})  # fmt: skip
+    return write_piebench(root, items)
+
+
+def bench_rows(pipe: Any, size: int, steps: int, solver: str, repeat: int) -> list[list[Any]]:
+    """``run_bench`` over 8 images at each batch size (median of ``repeat`` fresh runs), and the largest
+    difference of its records' ``recon_latent_rmse`` and PSNR from batch size 1's."""
+    from diffinv.bench import RunConfig, read_records, run_bench
+
+    def factory(config: Any, device: Any) -> Editor:
+        return Editor(pipe, solver=config.solver, steps=config.steps, spacing=config.spacing, progress=False,
+                      **config.effective_guidance())  # fmt: skip
+
+    config = RunConfig(model="random-weights", solver=solver, steps=steps, metrics=["psnr", "mse", "ssim"])
+    rows, first, base = [], None, None
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _synthetic_piebench(Path(tmp) / "pie", 8 * size, 8)
+        for batch in BATCHES:
+            walls = []
+            for k in range(repeat + 1):  # the first run warms up
+                out = Path(tmp) / f"b{batch}-{k}"
+                start = time.perf_counter()
+                run_bench(config, data, out, editor_factory=factory, device=str(pipe.device), progress=False,
+                          batch_size=batch)  # fmt: skip
+                walls.append(time.perf_counter() - start)
+            records = read_records(out)
+            first = first or records
+            rmse = max(abs(a["recon_latent_rmse"] - b["recon_latent_rmse"]) for a, b in zip(records, first))
+            psnr = max(abs(a["psnr"] - b["psnr"]) for a, b in zip(records, first))
+            wall = statistics.median(walls[1:])
+            base = base or wall
+            row = [batch, fmt_s(wall), f"{len(records) / wall:.3f}", f"{base / wall:.2f}", f"{rmse:.1e}", f"{psnr:.1e}"]
+            rows.append(row)
+    return rows
+
+
 def offload_row(pipe: Any, size: int, steps: int, device: torch.device) -> list[Any]:
     """Peak GPU memory and wall time of one DDIM round trip with ``offload="model"``."""
     _peak_reset(device)
@@ -396,6 +451,13 @@ def measure(args: argparse.Namespace) -> str:
         "(model calls x median isolated call); ratio vs inside = wall / time inside the UNet in the same run.",
         "",
     ]
+    if device.type != "cuda":
+        load = info["load average at start (1, 5, 15 min)"]
+        parts[-1:] = [
+            f"Load average at start (1, 5, 15 min): {load} on {info['cores']} cores; the machine may be shared, so "
+            "the timings are noisy: compare rows of one table, not runs.",
+            "",
+        ]
     for label, (build, size) in models.items():
         print(f"[gpu] {label} ...", file=sys.stderr, flush=True)
         pipe = build().to(device=device, dtype=torch.bfloat16 if "bf16" in label else dtype)
@@ -410,6 +472,15 @@ def measure(args: argparse.Namespace) -> str:
         row = pipeline_row(pipe, size, args.steps, args.repeat)
         parts += ["Editor.edit (DDIM) vs the diffusers pipeline, same UNet calls:", ""]
         parts += [md_table(["UNet calls", "Editor", "pipeline", "ratio"], [row]), ""]
+        parts += [
+            f"`diffinv bench --batch-size B` end to end ({args.batch_solver}, {args.steps} steps, 8 synthetic "
+            f"{8 * size} px images: VAE, invert + edit + reconstruct, PNGs, records, PSNR/MSE/SSIM; median of "
+            f"{args.repeat} runs); the last two columns: the largest difference of a record from B = 1's:",
+            "",
+        ]
+        rows = bench_rows(pipe, size, args.steps, args.batch_solver, args.repeat)
+        head = ["B", "wall", "images/s", "speed-up vs B = 1", "max Δ recon_latent_rmse", "max Δ psnr (dB)"]
+        parts += [md_table(head, rows), ""]
         if device.type == "cuda" and "SDXL" in label:
             pipe.to("cpu")
             torch.cuda.empty_cache()

@@ -105,8 +105,8 @@ def fuzz(max_examples: int, **options) -> settings:
 
 
 class FakeInversion:
-    """What the stand-in editors' ``invert`` returns: the image's pixels (int64) and, as the runner reads it,
-    ``source``, the "encoded source latent" (pixels / 255)."""
+    """What the stand-in editors' ``invert`` returns: the images' pixels (int64, one row per image) and, as the
+    runner reads it, ``source``, the "encoded source latents" (pixels / 255)."""
 
     def __init__(self, pixels: np.ndarray):
         self.pixels = pixels
@@ -124,4 +124,4 @@ class FakeRoundTrip:
         return latent if output_type == "latent" else self.decode_latents(latent)
 
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
-        return [Image.fromarray(np.clip(np.rint(latents.numpy() * 255), 0, 255).astype(np.uint8))]
+        return [Image.fromarray(np.clip(np.rint(row * 255), 0, 255).astype(np.uint8)) for row in latents.numpy()]

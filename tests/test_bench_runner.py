@@ -40,26 +40,31 @@ class FakeEditor(FakeRoundTrip):
         self.config, self.crash_after, self.delay, self.log = config, crash_after, delay, log
         self.done = 0
 
-    def invert(self, image, prompt):
-        if self.crash_after is not None and self.done >= self.crash_after:
-            raise RuntimeError("simulated crash")
-        self.done += 1
-        FakeEditor.calls.append(prompt)
-        if self.log is not None:
-            with open(self.log, "a") as f:
-                f.write(f"{os.environ.get('RANK', '0')} {prompt}\n")
-        time.sleep(self.delay)
-        if self.config.solver == "bdia" and "space suit" in prompt:
-            raise SolverDivergence("bdia", 7, 421.0, float("inf"))
-        return FakeInversion(np.asarray(image).astype(np.int64))
+    def invert(self, images, prompts):
+        pixels = []
+        for image, prompt in zip(images, prompts, strict=True):
+            if self.crash_after is not None and self.done >= self.crash_after:
+                raise RuntimeError("simulated crash")
+            self.done += 1
+            FakeEditor.calls.append(prompt)
+            if self.log is not None:
+                with open(self.log, "a") as f:
+                    f.write(f"{os.environ.get('RANK', '0')} {prompt}\n")
+            time.sleep(self.delay)
+            if self.config.solver == "bdia" and "space suit" in prompt:
+                raise SolverDivergence("bdia", 7, 421.0, float("inf"))
+            pixels.append(np.asarray(image).astype(np.int64))
+        return FakeInversion(np.stack(pixels))
 
     def edit(self, inv, targets):
         c = self.config
-        key = f"{targets[0]}|{c.solver}|{json.dumps(c.solver_options, sort_keys=True)}|{c.smoothing}|{c.guidance}"
-        shift = zlib.crc32(key.encode()) % 60 - 30
-        out = inv.pixels.copy()
-        out[10:40, 10:40] += shift
-        return [Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))]
+        out = []
+        for pixels, (target,) in zip(inv.pixels, targets, strict=True):
+            key = f"{target}|{c.solver}|{json.dumps(c.solver_options, sort_keys=True)}|{c.smoothing}|{c.guidance}"
+            edited = pixels.copy()
+            edited[10:40, 10:40] += zlib.crc32(key.encode()) % 60 - 30
+            out.append(Image.fromarray(np.clip(edited, 0, 255).astype(np.uint8)))
+        return out
 
 
 def cheap_metrics(source, edited, mask, prompt):

@@ -113,6 +113,20 @@ def test_batched_edit_equals_single_edits(pipes):
             assert (single[0] - batched[i * 3 + j]).abs().max().item() <= 1e-10
 
 
+def test_per_image_targets_equal_each_image_edited_alone(pipes):
+    editor = diffinv.Editor(pipes["sd"], solver="ees25", steps=2, smoothing="npi,proximal", **F64)
+    inv = editor.invert_latent(latent(4, n=2), ["a cat", "a dog"])
+    paired = editor.edit(inv, [["a tiger"], ["a wolf"]], output_type="latent")
+    assert paired.shape == (2, 4, 8, 8)
+    for i, target in enumerate(["a tiger", "a wolf"]):
+        alone = editor.edit(editor.invert_latent(inv.source[i : i + 1], inv.prompts[i]), target, output_type="latent")
+        assert (alone[0] - paired[i]).abs().max().item() <= 1e-10
+    with pytest.raises(ValueError, match="give 2 lists"):
+        editor.edit(inv, [["a tiger"], ["a wolf", "a fox"]])
+    with pytest.raises(ValueError, match="per-image targets do not combine with control p2p"):
+        editor.edit(inv, [["a tiger"], ["a wolf"]], control="p2p")
+
+
 def _ddim_loop(x, ts, eps_fn, schedule, backward):
     """An independent DDIM loop: x_j = a_j/a_i x + (s_j - s_i a_j/a_i) eps(x, t_eval)."""
     grid = torch.tensor(ts, dtype=torch.float64)

@@ -19,7 +19,7 @@ import diffinv
 from diffinv.solvers import get_solver, list_solvers
 
 F64 = {"device": "cpu", "dtype": torch.float64, "solver_dtype": torch.float64, "progress": False}
-ONE_STEP = ["ddim", "euler", "heun", "midpoint", "ralston", "rk4", "ees25", "ees27"]
+ONE_STEP = ["ddim", "euler", "heun", "midpoint", "ralston", "rk4", "ees25", "ees27", "ees25_sym", "ees27_sym"]
 REFUSED = [n for n in list_solvers() if n not in ONE_STEP]
 SOURCE, TARGET = "a photo of a cat", "a photo of a dog"
 OFFICIAL_DDIM = {"inversion_timestep": "target"}  # NullInversion.next_step evaluates eps at the noisier timestep

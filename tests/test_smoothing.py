@@ -179,3 +179,16 @@ def test_lora_files_load_only_tensors(tmp_path):
         load_lora(unet, evil, allow_pickle=True)
     with pytest.raises(ValueError, match="not found"):
         load_lora(unet, tmp_path / "missing.safetensors")
+
+
+def test_grouped_threshold_is_each_images_own():
+    d = _delta(7, shape=(6, 4, 6, 6))  # 3 images x 2 rows (e.g. 2 targets each)
+    got, tau = proximal_delta(d, 0.75, "l1", groups=3)
+    assert tau.shape == (6, 1, 1, 1)
+    for i in range(3):
+        rows = slice(2 * i, 2 * i + 2)
+        want, want_tau = proximal_delta(d[rows], 0.75, "l1")  # the image edited alone
+        assert torch.equal(got[rows], want) and torch.equal(tau[rows].flatten(), want_tau.expand(2))
+    assert not torch.equal(got, proximal_delta(d, 0.75, "l1")[0])  # one shared threshold differs
+    with pytest.raises(ValueError, match="6 rows do not split into 4 equal groups"):
+        proximal_delta(d, 0.75, groups=4)

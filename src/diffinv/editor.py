@@ -77,9 +77,9 @@ class _GuidedEps:
 
     The family says how guidance enters (:meth:`~diffinv.families.ModelFamily.guidance_inputs`: a
     guidance-distilled family takes the scale as a model input instead). With proximal guidance the CFG
-    difference is thresholded and the edit mask of the first model call of each step is kept for the step's
-    inversion-guidance blend. On a flow path it also gives ``x0`` from the same call (``eps_x0``), which the
-    solvers need where ``alpha = 0``.
+    difference is thresholded (per image: ``groups`` equal row blocks) and the edit mask of the first model call
+    of each step is kept for the step's inversion-guidance blend. On a flow path it also gives ``x0`` from the
+    same call (``eps_x0``), which the solvers need where ``alpha = 0``.
     """
 
     def __init__(
@@ -89,10 +89,12 @@ class _GuidedEps:
         uncond: Conditioning | None,
         guidance: float,
         proximal: ProximalGuidance | None = None,
+        groups: int = 1,
     ):
         cond, uncond, guidance = editor.family.guidance_inputs(cond, uncond, float(guidance))
         self.editor, self.cond, self.guidance, self.proximal = editor, cond, float(guidance), proximal
         self.gives_x0 = editor.schedule.is_flow
+        self.groups = groups
         # w = 1 without proximal guidance is the conditional model: skip the unconditional half.
         plain = uncond is None or (self.guidance == 1.0 and proximal is None)
         self.both = None if plain else Conditioning.cat([uncond, cond])
@@ -109,7 +111,7 @@ class _GuidedEps:
         eps_u, eps_c = self.editor.unet_eps(torch.cat([x, x]), t, self.both).chunk(2)
         if self.proximal is None:
             return eps_u + self.guidance * (eps_c - eps_u)
-        eps, mask = self.proximal.guide(eps_u, eps_c, self.guidance)
+        eps, mask = self.proximal.guide(eps_u, eps_c, self.guidance, self.groups)
         if self.mask is None:
             self.mask, self.mask_t = mask, float(t)
         return eps
@@ -526,7 +528,7 @@ class Editor:
     def edit(
         self,
         inv: EditInversion,
-        targets: str | Sequence[str],
+        targets: str | Sequence[str] | Sequence[Sequence[str]],
         guidance: float | None = None,
         output_type: str = "pil",
         control: str | PromptToPrompt | None = None,
@@ -535,6 +537,8 @@ class Editor:
         """Generate every inverted image under every target prompt, in one batched pass.
 
         Returns ``images * targets`` results, image-major (image 0 with each target, then image 1, ...).
+        ``targets``: prompts for every image, or one list per image (as many lists as images, each as long):
+        image ``i`` then gets ``targets[i]`` only (a batch of different images, each with its own edit).
         ``control="p2p"``: Prompt-to-Prompt (:mod:`diffinv.controls.p2p`; ``p2p_options`` are
         :class:`~diffinv.controls.P2POptions`): a source branch with the source prompt runs in the same batch and
         its attention is injected into the targets; ``editor.control`` then holds the control (its
@@ -549,13 +553,19 @@ class Editor:
             raise ValueError(f"control p2p does not apply to {self.family.name} models (it needs a UNet)")
         with torch.inference_mode(), self.family.placed():
             _check_inversion(inv)
-            items = _prompts(targets, "targets")
             n = len(inv.cond)
+            per_image = _per_image_targets(targets, n)
+            items = _prompts(targets, "targets") if per_image is None else per_image[0]
             p2p = control if isinstance(control, PromptToPrompt) else None
+            if per_image is not None and control is not None:
+                raise ValueError("per-image targets do not combine with control p2p: edit those images one by one")
             if control == "p2p":
                 steps = len(self.timesteps) - 1
                 p2p = PromptToPrompt(inv.prompts, items, self.pipe.tokenizer, steps, P2POptions.from_dict(p2p_options))
-            if p2p is None:
+            if per_image is not None:
+                k = len(items)
+                cond = self.encode_prompts([t for row in per_image for t in row])
+            elif p2p is None:
                 k = len(items)
                 cond = self.encode_prompts(items).index([j for _ in range(n) for j in range(k)])
             else:  # per image: a source branch with its own source prompt, then the targets
@@ -568,7 +578,7 @@ class Editor:
             else:
                 uncond = self.encode_prompts([self.negative_prompt]).index([0] * (n * k))
             w = self.guidance if guidance is None else _check_number("guidance", guidance, 0.0)
-            model = _GuidedEps(self, cond, uncond, w, self.proximal)
+            model = _GuidedEps(self, cond, uncond, w, self.proximal, groups=n)
             callbacks = []
             if self.proximal is not None:
                 callbacks.append(self._inversion_guidance(model, inv, rows))
@@ -671,6 +681,19 @@ def _expand(prompts: list[str], n: int, what: str) -> list[str]:
     if len(prompts) != n:
         raise ValueError(f"{what}: give one prompt or one per image ({n}), got {len(prompts)}")
     return prompts
+
+
+def _per_image_targets(targets: Any, n: int) -> list[list[str]] | None:
+    """``targets`` as one prompt list per image when given so (a list of lists), else None (shared targets)."""
+    if isinstance(targets, str) or not isinstance(targets, Sequence) or not targets:
+        return None
+    if not all(isinstance(row, Sequence) and not isinstance(row, str) for row in targets):
+        return None
+    rows = [_prompts(row, "targets") for row in targets]
+    if len(rows) != n or len({len(row) for row in rows}) != 1:
+        sizes = ", ".join(str(len(row)) for row in rows)
+        raise ValueError(f"per-image targets: give {n} lists (one per image) of equal length, got lengths {sizes}")
+    return rows
 
 
 def _check_inversion(inv: Any) -> None:

@@ -65,10 +65,12 @@ def parse_smoothing(smoothing: str | Iterable[str] | None) -> tuple[str, ...]:
 # -- proximal guidance -------------------------------------------------------------------------
 
 
-def proximal_delta(delta: Tensor, quantile: float, prox: str = "l0") -> tuple[Tensor, Tensor]:
+def proximal_delta(delta: Tensor, quantile: float, prox: str = "l0", groups: int = 1) -> tuple[Tensor, Tensor]:
     """The reference's thresholded CFG difference and its threshold ``tau``.
 
-    ``tau`` is the ``quantile`` of ``|delta|`` over the whole (batched) tensor, or ``-quantile`` when
+    ``tau`` is the ``quantile`` of ``|delta|`` over the whole (batched) tensor, as the reference's batch holds
+    one image's rows, or over each of ``groups`` equal consecutive row blocks (one per image, so that images
+    edited in one batch do not share a threshold; ``tau`` then has one value per row); or ``-quantile`` when
     ``quantile <= 0`` (a fixed threshold). Exactly as ``proximal_guidance_diffusion_step`` computes it
     (the branch names do not match the usual proximal operators):
     ``"l0"``: ``delta - clamp(delta, -tau, tau)`` (a soft threshold);
@@ -76,9 +78,15 @@ def proximal_delta(delta: Tensor, quantile: float, prox: str = "l0") -> tuple[Te
     """
     if prox not in PROX_KINDS:
         raise ValueError(f"unknown proximal kind {prox!r}; choose one of {', '.join(PROX_KINDS)}")
+    if delta.shape[0] % groups:
+        raise ValueError(f"{delta.shape[0]} rows do not split into {groups} equal groups")
     if quantile > 0:
         mag = delta.abs() if delta.dtype in (torch.float32, torch.float64) else delta.abs().float()
-        tau = mag.quantile(float(quantile)).to(delta.dtype)
+        if groups == 1:
+            tau = mag.quantile(float(quantile)).to(delta.dtype)
+        else:
+            per_group = mag.reshape(groups, -1).quantile(float(quantile), dim=1).to(delta.dtype)
+            tau = per_group.repeat_interleave(delta.shape[0] // groups).view(-1, *[1] * (delta.dim() - 1))
     else:
         tau = torch.as_tensor(-float(quantile), dtype=delta.dtype, device=delta.device)
     out = delta - torch.minimum(torch.maximum(delta, -tau), tau)
@@ -114,9 +122,10 @@ class ProximalGuidance:
         if isinstance(self.dilate_mask, bool) or int(self.dilate_mask) != self.dilate_mask or self.dilate_mask < 0:
             raise ValueError(f"dilate_mask must be a non-negative integer, got {self.dilate_mask!r}")
 
-    def guide(self, eps_uncond: Tensor, eps_cond: Tensor, guidance: float) -> tuple[Tensor, Tensor]:
-        """Guided noise ``eps_uncond + w * prox(delta)`` and the edit mask ``1[|prox(delta)| > tau]``, dilated."""
-        delta, tau = proximal_delta(eps_cond - eps_uncond, self.quantile, self.prox)
+    def guide(self, eps_uncond: Tensor, eps_cond: Tensor, guidance: float, groups: int = 1) -> tuple[Tensor, Tensor]:
+        """Guided noise ``eps_uncond + w * prox(delta)`` and the edit mask ``1[|prox(delta)| > tau]``, dilated;
+        ``groups``: the images in the batch, each with its own threshold (:func:`proximal_delta`)."""
+        delta, tau = proximal_delta(eps_cond - eps_uncond, self.quantile, self.prox, groups)
         mask = (delta.abs() > tau).to(delta.dtype)
         if self.dilate_mask > 0:
             r = int(self.dilate_mask)

@@ -62,6 +62,8 @@ __all__ = [
     "RECON_COLUMNS",
     "EditorLike",
     "RunConfig",
+    "check_batch_size",
+    "image_batches",
     "load_editor",
     "read_records",
     "read_run",
@@ -81,13 +83,15 @@ TABLE_FILE = "metrics.csv"
 class EditorLike(Protocol):
     """What the runner needs from an editor (``diffinv.Editor`` has it).
 
-    ``invert``'s result has ``source``, the encoded source latent; ``reconstruct(inv, output_type="latent")``
-    returns the regenerated latent, which ``decode_latents`` turns into images (``recon_latent_rmse``
-    compares the two latents).
+    The runner passes a batch of images (one at ``batch_size`` 1), each with its own prompts:
+    ``invert(images, source_prompts)``; ``edit(inversion, [[target] for each image])`` returns one edit per
+    image. ``invert``'s result has ``source``, the encoded source latents (one row per image);
+    ``reconstruct(inv, output_type="latent")`` returns the regenerated latents, which ``decode_latents`` turns
+    into images (``recon_latent_rmse`` compares the two latents, row by row).
     """
 
-    def invert(self, image: Image.Image, prompt: str) -> Any: ...
-    def edit(self, inversion: Any, targets: list[str]) -> list[Image.Image]: ...
+    def invert(self, images: list[Image.Image], prompts: list[str]) -> Any: ...
+    def edit(self, inversion: Any, targets: list[list[str]]) -> list[Image.Image]: ...
     def reconstruct(self, inversion: Any, output_type: str = "pil") -> Any: ...
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]: ...
 
@@ -474,9 +478,13 @@ def run_bench(
     progress: bool = True,
     weights: str | Path | None = None,
     runtime: dict[str, Any] | None = None,
+    batch_size: int = 1,
 ) -> Path:
     """Edit every selected image not yet done in ``out`` and write its record; returns ``metrics.csv``.
 
+    ``batch_size``: images inverted, edited and reconstructed together, in one model call per solver stage
+    (:func:`image_batches`); like ``runtime``, a speed setting, not part of the run's identity: each image is
+    still written on its own as soon as it is done, and its numbers equal batch size 1's to float round-off.
     ``editor_factory(config, device)`` builds the editor (default: :func:`load_editor`, with the ``runtime``
     options); ``metrics`` is a
     ``(source, edited, mask, prompt) -> dict`` callable (default: a :class:`MetricSuite` with pretrained
@@ -485,6 +493,10 @@ def run_bench(
     remains to be edited or scored: a done image whose record lacks one of ``config.metrics`` is scored from
     its saved images, not edited again.
     """
+    check_batch_size(batch_size)
+    if batch_size > 1 and (config.control is not None or config.inversion == "null-text"):
+        what = f"--control {config.control}" if config.control is not None else "--inversion null-text"
+        raise ValueError(f"--batch-size {batch_size} does not combine with {what}: those edit one image at a time")
     dataset, records = select_records(data, types=types, ids=ids, limit=limit)
     for record in records:
         record.mask()  # validate every selected record before any work
@@ -519,7 +531,8 @@ def run_bench(
         raise ValueError(f"cannot create run folder {run_dir}: {err.strerror or err}") from None
     _claim_config(run_dir, config, dataset.root)
     if shard:
-        _run_shard(config, shard, prompts, run_dir, editor, suite, progress and proc.rank == 0, proc.world)
+        batches = image_batches(shard, batch_size)
+        _run_shard(config, batches, prompts, run_dir, editor, suite, progress and proc.rank == 0, proc.world)
     if unscored:
         _score_images(run_dir, unscored, columns, suite, progress and proc.rank == 0)
     proc.barrier()
@@ -540,9 +553,25 @@ def _check_edit_size(editor: EditorLike, record: PieRecord) -> None:
         )
 
 
+def check_batch_size(batch_size: Any) -> int:
+    """``batch_size`` if it is a positive integer, else a ValueError."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def image_batches(records: Sequence[PieRecord], batch_size: int) -> list[list[PieRecord]]:
+    """``records`` in batches of up to ``batch_size`` images of one size (PIE-Bench's are all 512x512), in
+    order within each size."""
+    by_size: dict[tuple[int, int], list[PieRecord]] = {}
+    for record in records:
+        by_size.setdefault(record.image_size(), []).append(record)
+    return [group[i : i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
+
+
 def _run_shard(
     config: RunConfig,
-    shard: list[PieRecord],
+    batches: list[list[PieRecord]],
     prompts: dict[str, tuple[str, str]],
     run_dir: Path,
     editor: EditorLike,
@@ -552,45 +581,92 @@ def _run_shard(
 ) -> None:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(shard), unit="img", disable=not progress, desc=f"{run_dir.name} (rank 0 of {world})")
+    total = sum(map(len, batches))
+    bar = tqdm(total=total, unit="img", disable=not progress, desc=f"{run_dir.name} (rank 0 of {world})")
     try:
-        for record in shard:
-            done = run_dir / "records" / f"{record.id}.json"
-            with _image_lock(run_dir / "locks" / f"{record.id}.lock") as mine:
-                if mine and _load_record(done) is None:  # another process may have finished it meanwhile
-                    for folder, suffix in (("edited", ".png"), ("recon", ".png"), ("records", ".json")):
-                        _remove_leftovers(run_dir / folder / f"{record.id}{suffix}")
-                    _run_one(config, record, prompts[record.id], run_dir, editor, suite)
-            bar.update(1)
+        for batch in batches:
+            with contextlib.ExitStack() as locks:  # held until the whole batch is written
+                todo = [record for record in batch if _claim_image(run_dir, record, locks)]
+                if todo:
+                    _run_batch(config, todo, prompts, run_dir, editor, suite)
+            bar.update(len(batch))
     finally:
         bar.close()
         if world == 1:  # keep the table current even after an interruption
             write_table(run_dir)
 
 
-def _run_one(
+def _claim_image(run_dir: Path, record: PieRecord, locks: contextlib.ExitStack) -> bool:
+    """Lock an image (held by ``locks``) and clear a killed writer's leftovers, unless another process holds it
+    or finished it meanwhile: then False."""
+    mine = locks.enter_context(_image_lock(run_dir / "locks" / f"{record.id}.lock"))
+    if not mine or _load_record(run_dir / "records" / f"{record.id}.json") is not None:
+        return False
+    for folder, suffix in (("edited", ".png"), ("recon", ".png"), ("records", ".json")):
+        _remove_leftovers(run_dir / folder / f"{record.id}{suffix}")
+    return True
+
+
+def _run_batch(
     config: RunConfig,
-    record: PieRecord,
-    prompts: tuple[str, str],
+    records: list[PieRecord],
+    prompts: dict[str, tuple[str, str]],
     run_dir: Path,
     editor: EditorLike,
     suite: Callable[..., dict[str, float]],
 ) -> None:
-    source_prompt, target_prompt = prompts
-    torch.manual_seed(config.seed)  # per image, as the official scripts: independent of order and sharding
-    image, mask = record.image(), record.mask()
+    """Invert, edit and reconstruct ``records`` together, then score and write them one by one.
+
+    A divergence in a batch redoes its images one at a time, so that each image's record says what it says at
+    batch size 1 (only the images that diverge are marked)."""
+    torch.manual_seed(config.seed)  # per batch (per image at batch size 1, as the official scripts): order-free
+    images = [record.image() for record in records]
     start = time.perf_counter()
-    row: dict[str, Any] = {"image_id": record.id, "editing_type_id": record.edit_type}
-    columns = score_columns(config.metrics, config.reconstruct)
     try:
         method = {"method": config.inversion} if config.inversion != "plain" else {}  # only where asked
-        inversion = editor.invert(image, source_prompt, **method)
-        edited = editor.edit(inversion, [target_prompt], **edit_keywords(config, record))[0]
-        recon, latent_rmse = _reconstruct(editor, inversion) if config.reconstruct else (None, None)
+        inversion = editor.invert(images, [prompts[r.id][0] for r in records], **method)
+        if config.control is not None:  # one image per batch (run_bench): its own control keywords
+            edited = editor.edit(inversion, [prompts[records[0].id][1]], **edit_keywords(config, records[0]))
+        else:
+            edited = editor.edit(inversion, [[prompts[r.id][1]] for r in records])
+        recon = _reconstruct(editor, inversion) if config.reconstruct else [(None, None)] * len(records)
     except SolverDivergence as err:
-        nan = dict.fromkeys((*columns, *(["recon_latent_rmse"] if config.reconstruct else [])), math.nan)
-        row.update(nan, diverged=1, error=str(err))
+        if len(records) > 1:
+            for record in records:
+                _run_batch(config, [record], prompts, run_dir, editor, suite)
+            return
+        outputs: list[Any] = [err]
     else:
+        if len(edited) != len(records):
+            raise ValueError(f"the editor returned {len(edited)} edits for {len(records)} images")
+        outputs = [(e, *r) for e, r in zip(edited, recon)]
+    share = (time.perf_counter() - start) / len(records)  # the model's time, per image
+    for record, image, output in zip(records, images, outputs):
+        _write_image(config, record, image, prompts[record.id], run_dir, suite, output, share)
+
+
+def _write_image(
+    config: RunConfig,
+    record: PieRecord,
+    image: Image.Image,
+    prompts: tuple[str, str],
+    run_dir: Path,
+    suite: Callable[..., dict[str, float]],
+    output: tuple[Image.Image, Image.Image | None, float | None] | SolverDivergence,
+    seconds: float,
+) -> None:
+    """Score one image's ``output`` (edit, reconstruction, latent RMSE; or its divergence) and write its PNGs,
+    then its record, which marks it done."""
+    source_prompt, target_prompt = prompts
+    start = time.perf_counter()
+    mask = record.mask()
+    row: dict[str, Any] = {"image_id": record.id, "editing_type_id": record.edit_type}
+    columns = score_columns(config.metrics, config.reconstruct)
+    if isinstance(output, SolverDivergence):
+        nan = dict.fromkeys((*columns, *(["recon_latent_rmse"] if config.reconstruct else [])), math.nan)
+        row.update(nan, diverged=1, error=str(output))
+    else:
+        edited, recon, latent_rmse = output
         _atomic_write(run_dir / "edited" / f"{record.id}.png", _png(edited))
         if recon is not None:
             _atomic_write(run_dir / "recon" / f"{record.id}.png", _png(recon))
@@ -599,21 +675,21 @@ def _run_one(
     row.update(
         source_prompt=source_prompt,
         target_prompt=target_prompt,
-        seconds=round(time.perf_counter() - start, 3),
+        seconds=round(seconds + time.perf_counter() - start, 3),
         edited_fraction=float(np.mean(mask)),
     )
     _atomic_write(run_dir / "records" / f"{record.id}.json", json.dumps(row, indent=1).encode("utf-8"))
 
 
-def _reconstruct(editor: EditorLike, inversion: Any) -> tuple[Image.Image, float]:
-    """The reconstruction's image and its latent round-trip error: the RMS difference between the regenerated
-    latent and the encoded source latent (``inversion.source``)."""
+def _reconstruct(editor: EditorLike, inversion: Any) -> list[tuple[Image.Image, float]]:
+    """Each image's reconstruction and its latent round-trip error: the RMS difference between the regenerated
+    latent and the encoded source latent (``inversion.source``), row by row."""
     latent, source = editor.reconstruct(inversion, output_type="latent"), inversion.source
     if tuple(latent.shape) != tuple(source.shape):
         raise ValueError(f"the reconstructed latent is {tuple(latent.shape)}, the source's {tuple(source.shape)}")
-    image = editor.decode_latents(latent)[0]
+    images = editor.decode_latents(latent)
     diff = latent.detach().double().cpu() - source.detach().double().cpu()
-    return image, float(torch.sqrt(torch.mean(diff**2)))
+    return [(image, float(torch.sqrt(torch.mean(d**2)))) for image, d in zip(images, diff)]
 
 
 # -- scoring -----------------------------------------------------------------------------------------
