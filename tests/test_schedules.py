@@ -186,6 +186,7 @@ def test_auto_spacing_is_each_solvers_reference_grid():
     from diffinv.solvers import resolve_spacing
 
     time_grid = {"ddim", "dpmpp_2m", "edict", "bdia", "belm", "reversible_heun", "mf", "rex"}
+    time_grid |= {"rf_solver", "fireflow", "rf_inversion"}  # the flow baselines' official grids are in sigma
     for name in diffinv.list_solvers():
         expected = "time" if name in time_grid else "lambda"
         assert resolve_spacing(name) == expected, name

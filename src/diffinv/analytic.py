@@ -120,15 +120,18 @@ class GaussianMixture:
         so the velocity is exact at both ends of the path, ``sigma = 1`` and ``sigma = 0``.
         """
         xf, a, s, logp = self._posterior(x, t)
-        w = torch.softmax(logp, dim=-1)
+        out = self._velocity_given(xf, a, s, torch.softmax(logp, dim=-1))
+        return out.reshape(x.shape).to(x.device, x.dtype)
+
+    def _velocity_given(self, xf: Tensor, a: Tensor, s: Tensor, weights: Tensor) -> Tensor:
+        """``sum_k weights_k E[eps - x0 | x_t = x, component k]``, ``(B, D)``, for any ``(B, K)`` weights."""
         if self._iso is not None:
             gain = s / (a**2 * self._iso[None] + s**2)  # (B, K)
-            noise = (w * gain).sum(-1, keepdim=True) * xf - a * ((w * gain) @ self.mu)
+            noise = (weights * gain).sum(-1, keepdim=True) * xf - a * ((weights * gain) @ self.mu)
         else:
             v = a[:, :, None] ** 2 * self.var[None] + s[:, :, None] ** 2
-            noise = (w[:, :, None] * s[:, :, None] * (xf[:, None, :] - a[:, :, None] * self.mu[None]) / v).sum(1)
-        out = noise - self._mean_given(xf, a, s, w)
-        return out.reshape(x.shape).to(x.device, x.dtype)
+            noise = (weights[:, :, None] * s[:, :, None] * (xf[:, None, :] - a[:, :, None] * self.mu[None]) / v).sum(1)
+        return noise - self._mean_given(xf, a, s, weights)
 
     def log_prob(self, x: Tensor, t: Any = 0.0) -> Tensor:
         """Exact log-density of ``x`` under the marginal at timestep ``t`` (per sample)."""
@@ -333,29 +336,38 @@ class ToyScenes:
         prompt: str | Sequence[str],
         w: float,
         negative: str | Sequence[str] | None = None,
+        prediction: str = "epsilon",
     ) -> Callable[[Tensor, Tensor], Tensor]:
         """Classifier-free guidance ``eps_neg + w (eps_prompt - eps_neg)`` as an ``eps(x, t)`` callable.
 
         ``negative=None`` uses the unconditional model (the usual CFG); a prompt there plays the
         unconditional branch, as negative-prompt inversion does with the source prompt. ``prompt``
         and ``negative`` may give one name per sample. Guidance is linear in ``E[x0|x]``, so it is one
-        posterior evaluation with combined weights.
+        posterior evaluation with combined weights. ``prediction="flow"`` returns the guided velocity
+        ``v = eps - x0`` instead (on a flow-matching schedule; exact at both ends of the path).
         """
         w = float(w)
+        if prediction not in ("epsilon", "flow"):
+            raise ValueError(f"prediction must be 'epsilon' or 'flow', got {prediction!r}")
         for p in [prompt] if isinstance(prompt, str) else list(prompt):
             self.index(p)
         if negative is not None:
             for p in [negative] if isinstance(negative, str) else list(negative):
                 self.index(p)
 
-        def eps(x: Tensor, t: Tensor) -> Tensor:
-            def weights(logp: Tensor) -> Tensor:
-                neg = self._weights(logp, negative)
-                return neg + w * (self._weights(logp, prompt) - neg)
+        def weights(logp: Tensor) -> Tensor:
+            neg = self._weights(logp, negative)
+            return neg + w * (self._weights(logp, prompt) - neg)
 
+        def eps(x: Tensor, t: Tensor) -> Tensor:
             return self._eps_from_weights(x, t, weights)
 
-        return eps
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            mix = self.unconditional
+            xf, a, s, logp = mix._posterior(x, t)
+            return mix._velocity_given(xf, a, s, weights(logp)).reshape(x.shape).to(x.device, x.dtype)
+
+        return velocity if prediction == "flow" else eps
 
     # -- masks, scores, samples -------------------------------------------------------------------
     def mask(self, prompt: str) -> Tensor:

@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .analytic import ToyScenes
+from .fields import as_eps_model
 from .schedules import NoiseSchedule, make_grid
 from .solve import SolverDivergence, generate, invert
 from .solvers import Solver, get_solver, list_solvers, resolve_spacing
@@ -64,6 +65,7 @@ PIXEL_RANGE = 2.0  # toy pixels live in about [-1, 1]
 REFERENCE = "rk4"
 GRIDS = ("auto", "lambda", "time")
 MODELS = ("toy", "digits")
+PATHS = ("vp", "flow")  # the toy scenes on SD's VP schedule or on the rectified-flow path (SD3, FLUX)
 DIGIT_SOURCE = 3
 DIGIT_TARGETS = (1, 5, 8)  # the digits model's edit targets (its source digit is DIGIT_SOURCE)
 BLANK = -0.8  # digits pixels below this are blank paper
@@ -85,6 +87,7 @@ class DemoConfig:
     size: int = 16
     source: str = "gray box"
     model: str = "toy"  # "toy" (exact toy scenes) or "digits" (the shipped trained network)
+    path: str = "vp"  # "vp" (SD's scaled-linear schedule) or "flow" (rectified flow, exact velocity model)
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -100,6 +103,14 @@ class DemoConfig:
             raise ValueError(f"the digits model ships 8 images per digit, asked for {self.images}")
         if self.grid not in GRIDS:
             raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {', '.join(PATHS)}, got {self.path!r}")
+        if self.path == "flow" and self.model != "toy":
+            raise ValueError("--path flow runs the exact toy scenes; the digits network is trained on the VP path")
+        if self.path == "flow" and self.grid == "lambda":
+            raise ValueError(
+                "the lambda grid is infinite at both ends of the flow path; use --spacing time (or auto) there"
+            )
         if self.solvers is not None:
             if not self.solvers:
                 raise ValueError("no solvers given")
@@ -107,11 +118,22 @@ class DemoConfig:
                 get_solver(name)  # ValueError listing the known names
 
 
-def solver_spacing(solver: Solver, grid: str = "auto") -> str:
+def solver_spacing(solver: Solver, grid: str = "auto", path: str = "vp") -> str:
     """The grid a solver runs on in the demo: ``grid``, or for ``"auto"`` the solver's reference grid
     (:func:`diffinv.solvers.resolve_spacing`: exactly reversible and DDIM-family methods on the time grid
-    ``linspace(0, T, steps + 1).round()``, Runge-Kutta methods on the lambda-uniform grid of the paper)."""
-    return resolve_spacing(solver, grid)
+    ``linspace(0, T, steps + 1).round()``, Runge-Kutta methods on the lambda-uniform grid of the paper).
+    On the flow path every solver runs on the time grid (uniform in sigma, SD3's unshifted scheduler grid):
+    the lambda grid is infinite at both ends there."""
+    return "time" if path == "flow" else resolve_spacing(solver, grid)
+
+
+# Couplings not invertible where alpha = 0: on the flow path they run the time grid without its first point.
+NO_ALPHA_ZERO = ("edict", "belm")
+
+
+def _grid_label(solver: Solver, spacing: str, path: str) -> str:
+    """The demo table's grid column: ``spacing``, ``"time-1"`` for :data:`NO_ALPHA_ZERO` on the flow path."""
+    return "time-1" if path == "flow" and solver.name in NO_ALPHA_ZERO else spacing
 
 
 def grid_timesteps(schedule: NoiseSchedule, steps: int, spacing: str) -> Tensor:
@@ -152,7 +174,9 @@ class _Edit:
 
     def __init__(self, config: DemoConfig):
         self.config = config
-        self.scenes = ToyScenes(size=config.size)
+        flow = config.path == "flow"
+        schedule = NoiseSchedule.flow_matching() if flow else None
+        self.scenes = ToyScenes(size=config.size, schedule=schedule)
         self.scenes.index(config.source)
         names = self.scenes.names
         self.targets = [config.source] + [p for p in names if p != config.source]
@@ -161,13 +185,18 @@ class _Edit:
         self.batch = self.sources.repeat_interleave(len(self.targets), dim=0)
         negative = config.source if config.npi else None
         per_sample = self.targets * config.images
-        self.inversion_field = self.scenes.guided(config.source, config.guidance, negative=negative)
-        self.edit_field = self.scenes.guided(per_sample, config.guidance, negative=negative)
+        prediction = "flow" if flow else "epsilon"
+        inversion = self.scenes.guided(config.source, config.guidance, negative=negative, prediction=prediction)
+        edit = self.scenes.guided(per_sample, config.guidance, negative=negative, prediction=prediction)
+        self.inversion_field = as_eps_model(inversion, self.scenes.schedule, prediction)
+        self.edit_field = as_eps_model(edit, self.scenes.schedule, prediction)
         self.reference: Tensor | None = None  # the reference run's output, set by measure("reference", ...)
 
     def solve(self, solver: Solver, spacing: str, steps: int) -> tuple[Tensor, float]:
         """Invert the batch and generate it under the per-sample targets; returns output and max |latent|."""
         ts = grid_timesteps(self.scenes.schedule, steps, spacing)
+        if _grid_label(solver, spacing, self.config.path) == "time-1":
+            ts = ts[1:]  # sigma = 1 - 1/steps: EDICT and O-BELM cannot step through alpha = 0
         inv = invert(self.inversion_field, self.batch, self.scenes.schedule, solver=solver, timesteps=ts)
         peak = max(v.abs().max().item() for v in inv.state.tensors().values())
         out = generate(self.edit_field, inv)
@@ -177,7 +206,7 @@ class _Edit:
     def measure(self, name: str, solver: Solver, spacing: str, steps: int) -> SolverRun:
         row: dict[str, Any] = {
             "solver": name,
-            "grid": spacing,
+            "grid": _grid_label(solver, spacing, self.config.path),
             "nfe_per_step": solver.nfe_per_step,
             "exact": bool(solver.exact),
         }
@@ -285,13 +314,15 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> DemoRes
 
 
 def _run(config: DemoConfig, progress: bool) -> DemoResult:
-    names = list(config.solvers) if config.solvers is not None else list_solvers()
+    flow = NoiseSchedule.flow_matching() if config.path == "flow" else NoiseSchedule.scaled_linear()
+    names = list(config.solvers) if config.solvers is not None else list_solvers(flow)
     problem = _DigitsEdit(config) if config.model == "digits" else _Edit(config)
     both = config.model == "digits" and config.grid == "auto"  # the trained model: every solver on both grids
     total = len(names) * (2 if both else 1) + 1
     with tqdm(total=total, desc="demo", file=sys.stderr, leave=False, disable=not progress) as bar:
         bar.set_postfix_str(f"reference ({REFERENCE}, {config.reference_steps} steps)")
-        reference = problem.measure("reference", get_solver(REFERENCE), "lambda", config.reference_steps)
+        ref_spacing = "time" if config.path == "flow" else "lambda"
+        reference = problem.measure("reference", get_solver(REFERENCE), ref_spacing, config.reference_steps)
         if reference.output is None:
             raise RuntimeError("the reference solve diverged; try a smaller --guidance")
         result = DemoResult(config, problem.scenes, problem.targets, problem.sources, reference)
@@ -299,7 +330,7 @@ def _run(config: DemoConfig, progress: bool) -> DemoResult:
         for name in names:
             bar.set_postfix_str(name)
             solver = get_solver(name)
-            for spacing in ("lambda", "time") if both else (solver_spacing(solver, config.grid),):
+            for spacing in ("lambda", "time") if both else (solver_spacing(solver, config.grid, config.path),):
                 result.runs.append(problem.measure(name, solver, spacing, config.steps))
                 bar.update()
     return result
@@ -406,7 +437,9 @@ def _plot_images(result: DemoResult, path: Path, image: int = 0) -> None:
 
 
 def _model_label(config: DemoConfig) -> str:
-    return "trained digits model" if config.model == "digits" else "toy scenes"
+    if config.model == "digits":
+        return "trained digits model"
+    return "toy scenes, rectified-flow path" if config.path == "flow" else "toy scenes"
 
 
 def _spread(values: list[float], gap: float) -> list[float]:

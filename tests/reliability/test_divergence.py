@@ -45,7 +45,7 @@ def blowing_up(after: float, inverting: bool, value: float):
 
 
 @pytest.mark.parametrize("value", [1e9, math.nan], ids=["huge", "nan"])
-@pytest.mark.parametrize("solver", list_solvers())
+@pytest.mark.parametrize("solver", list_solvers(SCHED))
 def test_every_solver_reports_where_it_diverged(solver, value):
     x0 = MIX.sample(2, generator=torch.Generator().manual_seed(1))
     grid = diffinv.make_grid(SCHED, STEPS, "lambda")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..demo import DIGITS_REFERENCE_STEPS, GRIDS, MODELS, DemoConfig, format_table, run_demo, write_outputs
+from ..demo import DIGITS_REFERENCE_STEPS, GRIDS, MODELS, PATHS, DemoConfig, format_table, run_demo, write_outputs
 
 
 class _Renamed(argparse.Action):
@@ -35,6 +35,13 @@ def add_parser(sub: Any) -> None:
         default=defaults.model,
         help="toy = exact toy scenes; digits = the shipped trained digits network, every solver on both grids "
         "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--path",
+        choices=PATHS,
+        default=defaults.path,
+        help="vp = the toy scenes on SD's VP schedule; flow = on the rectified-flow path (SD3/FLUX), exact velocity,"
+        " every solver on the sigma-uniform grid (default: %(default)s)",
     )
     p.add_argument("--steps", type=int, default=defaults.steps, help="solver steps (default: %(default)s)")
     p.add_argument(
@@ -96,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         npi=args.npi,
         reference_steps=_reference_steps(args),
         model=args.model,
+        path=args.path,
     )
     config.check()
     try:  # before the run, not after it
@@ -112,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
     mode = "negative-prompt inversion" if config.npi else "full-guidance inversion"
     print(
         f"\n{len(result.runs)} solvers, {config.images} images x {len(result.targets) - 1} edits, "
-        f"w = {config.guidance:g}, {config.steps} steps, {mode}; reference = rk4 with {config.reference_steps} "
-        f"lambda-uniform steps; {wall:.1f} s" + (f"; diverged: {', '.join(diverged)}" if diverged else "")
+        f"w = {config.guidance:g}, {config.steps} steps, {mode}, {config.path} path; reference = rk4 with "
+        f"{config.reference_steps} {'sigma' if config.path == 'flow' else 'lambda'}-uniform steps; {wall:.1f} s"
+        + (f"; diverged: {', '.join(diverged)}" if diverged else "")
     )
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0

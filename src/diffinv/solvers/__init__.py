@@ -6,11 +6,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from ..schedules import SPACINGS
+from ..schedules import SPACINGS, NoiseSchedule
 from ..tableaux import EES25, EES27, EULER, HEUN, MIDPOINT, RALSTON, RK4, SQRT2, Tableau, ees25, ees27
 from .base import Grid, Solver, State
 from .coupled import BDIA, BELM, EDICT
 from .exponential import DDIM, DPMSolverPP2M
+from .flow import FireFlow, RFInversion, RFSolver
 from .reversible import McCallumFoster, ReversibleHeun, Rex
 from .rk import ExplicitRK
 
@@ -21,12 +22,16 @@ __all__ = [
     "EDICT",
     "EES25_SYM_X",
     "EES27_SYM_X",
+    "FLOW_ONLY",
     "SOLVERS",
     "SPACING_CHOICES",
     "DPMSolverPP2M",
     "ExplicitRK",
+    "FireFlow",
     "Grid",
     "McCallumFoster",
+    "RFInversion",
+    "RFSolver",
     "ReversibleHeun",
     "Rex",
     "Solver",
@@ -96,12 +101,19 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "reversible_heun": ReversibleHeun,
     "mf": McCallumFoster,
     "rex": Rex,
+    "rf_solver": RFSolver,
+    "fireflow": FireFlow,
+    "rf_inversion": RFInversion,
 }
+# Solvers defined on rectified-flow (flow-matching) schedules only; they refuse any other schedule.
+FLOW_ONLY = ("rf_solver", "fireflow", "rf_inversion")
 
 
-def list_solvers() -> list[str]:
-    """Registry names of all solvers."""
-    return list(SOLVERS)
+def list_solvers(schedule: NoiseSchedule | None = None) -> list[str]:
+    """Registry names of all solvers, or of those that run on ``schedule`` (the flow baselines need a flow path)."""
+    if schedule is None or schedule.is_flow:
+        return list(SOLVERS)
+    return [name for name in SOLVERS if name not in FLOW_ONLY]
 
 
 def solver_options(name: str) -> dict[str, Any]:

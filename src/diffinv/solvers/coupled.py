@@ -14,7 +14,17 @@ from torch import Tensor
 
 from ..fields import Field
 from .base import Grid, Solver, State
-from .exponential import ddim_update
+from .exponential import ddim_step, ddim_update
+
+
+def _require_alpha(solver: Solver, grid: Grid) -> None:
+    """Refuse a grid through ``alpha = 0`` (a flow path's noise end), where the coupling is not invertible."""
+    if 0.0 in grid.alpha:
+        raise ValueError(
+            f"{solver.name} is not invertible where alpha = 0 (timestep {grid.schedule.T:g} of a flow-matching"
+            " schedule): start the grid below it (start=, or drop the scheduler's first timestep)"
+        )
+
 
 __all__ = ["BDIA", "BELM", "EDICT", "EDICTState", "TwoStepDDIM", "TwoStepState"]
 
@@ -51,9 +61,11 @@ class EDICT(Solver):
         return {"p": self.p, "leapfrog": self.leapfrog}
 
     def init_state(self, x: Tensor, grid: Grid) -> State:
+        _require_alpha(self, grid)
         return EDICTState(x, x.clone())
 
     def init_inversion(self, x: Tensor, grid: Grid) -> State:
+        _require_alpha(self, grid)
         return EDICTState(x, x.clone())
 
     def _swapped(self, k: int) -> bool:
@@ -129,11 +141,12 @@ class TwoStepDDIM(Solver):
         x = state.x
         if getattr(state, "cleaner", None) is not None:  # the inverted pair already holds x_{k+1}
             return TwoStepState(state.cleaner, noisier=x)
+        noisier = getattr(state, "noisier", None)
+        if noisier is None:  # the first step from a plain latent is a DDIM step (also at alpha = 0)
+            return TwoStepState(ddim_step(field, grid, k, x), noisier=x)
         e = field.eps(x, grid.t[k])
         nxt = ddim_update(grid, k, k + 1, x, e)
-        noisier = getattr(state, "noisier", None)
-        if noisier is not None:
-            nxt = nxt + self.coefficient(grid, k) * (noisier - ddim_update(grid, k, k - 1, x, e))
+        nxt = nxt + self.coefficient(grid, k) * (noisier - ddim_update(grid, k, k - 1, x, e))
         return TwoStepState(nxt, noisier=x)
 
     def backward_step(self, field: Field, grid: Grid, k: int, state: State) -> State:
@@ -183,6 +196,14 @@ class BELM(TwoStepDDIM):
 
     name = "belm"
     order = 2
+
+    def init_state(self, x: Tensor, grid: Grid) -> State:
+        _require_alpha(self, grid)
+        return super().init_state(x, grid)
+
+    def init_inversion(self, x: Tensor, grid: Grid) -> State:
+        _require_alpha(self, grid)
+        return super().init_inversion(x, grid)
 
     def coefficient(self, grid: Grid, k: int) -> float:
         chi = [grid.sigma[i] / grid.alpha[i] for i in (k - 1, k, k + 1)]

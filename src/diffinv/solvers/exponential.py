@@ -15,7 +15,7 @@ from torch import Tensor
 from ..fields import Field
 from .base import Grid, Solver, State
 
-__all__ = ["DDIM", "DPMSolverPP2M", "MultistepState", "ddim_update"]
+__all__ = ["DDIM", "DPMSolverPP2M", "MultistepState", "ddim_step", "ddim_update"]
 
 INVERSION_TIMESTEPS = ("current", "target")
 
@@ -27,6 +27,18 @@ def ddim_update(grid: Grid, i: int, j: int, x: Tensor, eps: Tensor) -> Tensor:
     """
     ratio = grid.alpha[j] / grid.alpha[i]
     return ratio * x + (grid.sigma[j] - grid.sigma[i] * ratio) * eps
+
+
+def ddim_step(field: Field, grid: Grid, k: int, x: Tensor) -> Tensor:
+    """One DDIM generation step from grid index ``k`` with the model at ``t_k``.
+
+    At the noise end of a flow path (``alpha_k = 0``) it is ``alpha_{k+1} x0 + sigma_{k+1} eps``, which is
+    diffusers' flow-Euler step ``x + (sigma_{k+1} - sigma_k) v``: the velocity is kept, nothing divides by alpha.
+    """
+    if grid.alpha[k] == 0.0:
+        eps, x0 = field.eps_x0(x, grid.t[k], (grid.alpha[k], grid.sigma[k]))
+        return grid.alpha[k + 1] * x0 + grid.sigma[k + 1] * eps
+    return ddim_update(grid, k, k + 1, x, field.eps(x, grid.t[k]))
 
 
 class DDIM(Solver):
@@ -55,10 +67,7 @@ class DDIM(Solver):
         return 2
 
     def step(self, field: Field, grid: Grid, k: int, state: State) -> State:
-        if grid.alpha[k] == 0.0:  # the noise end of a flow path: x_j = alpha_j x0 + sigma_j eps, as flow Euler
-            eps, x0 = field.eps_x0(state.x, grid.t[k], (grid.alpha[k], grid.sigma[k]))
-            return State(grid.alpha[k + 1] * x0 + grid.sigma[k + 1] * eps)
-        return State(ddim_update(grid, k, k + 1, state.x, field.eps(state.x, grid.t[k])))
+        return State(ddim_step(field, grid, k, state.x))
 
     def backward_step(self, field: Field, grid: Grid, k: int, state: State) -> State:
         t_eval = grid.t[k + 1] if self.inversion_timestep == "current" else grid.t[k]
@@ -115,8 +124,14 @@ class DPMSolverPP2M(Solver):
 
     def _update(self, field: Field, grid: Grid, i: int, j: int, before: int, state: State, last: bool) -> State:
         """From grid index ``i`` to ``j``; ``before`` is the index of ``state.d_prev``, if any."""
-        d = field.x0(state.x, grid.t[i], (grid.alpha[i], grid.sigma[i]))
         d_prev = getattr(state, "d_prev", None)
+        lams = (grid.lam[i], grid.lam[j]) + ((grid.lam[before],) if d_prev is not None else ())
+        if not all(map(math.isfinite, lams)):
+            # An end of a flow path (lambda = -inf at alpha = 0, +inf at sigma = 0): the first-order step's limit,
+            # x_j = alpha_j x0 + sigma_j eps, as diffusers takes it (its second-order term vanishes there).
+            eps, d = field.eps_x0(state.x, grid.t[i], (grid.alpha[i], grid.sigma[i]))
+            return MultistepState(grid.alpha[j] * d + grid.sigma[j] * eps, d_prev=d)
+        d = field.x0(state.x, grid.t[i], (grid.alpha[i], grid.sigma[i]))
         h = grid.lam[j] - grid.lam[i]
         corrected = d
         if d_prev is not None and not (last and grid.steps < LOWER_ORDER_FINAL_BELOW):

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..fields import Field, ODEForm, get_form
 from ..tableaux import Tableau
 from .base import Grid, Solver, State
-from .rk import ExplicitRK, form_values
+from .rk import ExplicitRK, form_values, interval_forms
 
 __all__ = ["REX_MODES", "CoupledState", "McCallumFoster", "ReversibleHeun", "ReversibleHeunState", "Rex"]
 
@@ -23,8 +23,8 @@ REX_MODES = {"noise": "sigma", "data": "gamma"}
 
 
 def _weights(form: ODEForm, grid: Grid, k: int) -> tuple[float, float]:
-    """``w(t_k), w(t_{k+1})`` of ``Y = x / w``."""
-    _, w = form_values(form, grid)
+    """``w(t_k), w(t_{k+1})`` of ``Y = x / w`` in the form interval ``k`` is taken in (:func:`interval_forms`)."""
+    _, w = form_values(interval_forms(form, grid)[k], grid)
     return w[k], w[k + 1]
 
 
@@ -145,32 +145,39 @@ class ReversibleHeun(Solver):
         # With the same model the recomputed slope is the same number, so reconstruction stays exact.
         return ReversibleHeunState(state.x, state.z, None)
 
-    def _slope(self, field: Field, grid: Grid, i: int, z: Tensor, cached: Tensor | None) -> Tensor:
-        return self._rhs(field, grid, i, z) if cached is None else cached
+    def _slope(self, field: Field, grid: Grid, k: int, i: int, z: Tensor, cached: Tensor | None) -> Tensor:
+        return self._rhs(field, grid, k, i, z) if cached is None else cached
 
-    def _rhs(self, field: Field, grid: Grid, i: int, z: Tensor) -> Tensor:
-        return self.form.rhs(field, grid.t[i], z, (grid.alpha[i], grid.sigma[i]))
+    def _rhs(self, field: Field, grid: Grid, k: int, i: int, z: Tensor) -> Tensor:
+        """The slope at grid index ``i`` in the form of interval ``k``."""
+        return interval_forms(self.form, grid)[k].rhs(field, grid.t[i], z, (grid.alpha[i], grid.sigma[i]))
 
     def _h(self, grid: Grid, k: int) -> float:
-        s, _ = form_values(self.form, grid)
+        s, _ = form_values(interval_forms(self.form, grid)[k], grid)
         return s[k + 1] - s[k]
+
+    def _keep(self, grid: Grid, k: int, other: int) -> bool:
+        """Whether interval ``k``'s cached slope serves interval ``other`` (same form; a flow path's end
+        intervals are taken in another form, :func:`~.rk.interval_forms`, and then cost one more call)."""
+        forms = interval_forms(self.form, grid)
+        return not 0 <= other < grid.steps or forms[other] is forms[k]
 
     def step(self, field: Field, grid: Grid, k: int, state: State) -> State:
         w0, w1 = _weights(self.form, grid, k)
         h = self._h(grid, k)
         y, z = state.x / w0, state.z / w0
-        f = self._slope(field, grid, k, z, getattr(state, "f", None))
+        f = self._slope(field, grid, k, k, z, getattr(state, "f", None))
         z = 2 * y - z + h * f
-        f_next = self._rhs(field, grid, k + 1, z)
+        f_next = self._rhs(field, grid, k, k + 1, z)
         y = y + (0.5 * h) * (f + f_next)
-        return ReversibleHeunState(y * w1, z * w1, f_next)
+        return ReversibleHeunState(y * w1, z * w1, f_next if self._keep(grid, k, k + 1) else None)
 
     def backward_step(self, field: Field, grid: Grid, k: int, state: State) -> State:
         w0, w1 = _weights(self.form, grid, k)
         h = self._h(grid, k)
         y, z = state.x / w1, state.z / w1
-        f_next = self._slope(field, grid, k + 1, z, getattr(state, "f", None))
+        f_next = self._slope(field, grid, k, k + 1, z, getattr(state, "f", None))
         z = 2 * y - z - h * f_next
-        f = self._rhs(field, grid, k, z)
+        f = self._rhs(field, grid, k, k, z)
         y = y - (0.5 * h) * (f + f_next)
-        return ReversibleHeunState(y * w0, z * w0, f)
+        return ReversibleHeunState(y * w0, z * w0, f if self._keep(grid, k, k - 1) else None)

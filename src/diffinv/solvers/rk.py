@@ -6,23 +6,25 @@ time (reference/solvers.md §3.5): for EES schemes this undoes a forward step up
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..fields import Field, ODEForm, get_form
+from ..fields import FORMS, Field, ODEForm, get_form
 from ..tableaux import Tableau, get_tableau
 from .base import Grid, Solver, State
 
-__all__ = ["ExplicitRK", "StagePlan", "form_values", "rk_increment", "stage_plan"]
+__all__ = ["ExplicitRK", "StagePlan", "form_values", "interval_forms", "rk_increment", "stage_plan"]
 
 
 class StagePlan(NamedTuple):
-    """One interval in the direction of travel: solver step ``h`` (signed), every stage's model timestep
-    and ``(alpha, sigma)`` there, and the state weights ``w(t)`` at the interval's start and end."""
+    """One interval in the direction of travel: the ODE form it is taken in, solver step ``h`` (signed), every
+    stage's model timestep and ``(alpha, sigma)`` there, and the state weights ``w(t)`` at its start and end."""
 
+    form: ODEForm
     h: float
     t: tuple[float, ...]
     coefficients: tuple[tuple[float, float], ...]
@@ -60,30 +62,58 @@ def form_values(form: ODEForm, grid: Grid) -> tuple[list[float], list[float]]:
     return grid.cache[key]
 
 
+def interval_forms(form: ODEForm, grid: Grid) -> list[ODEForm]:
+    """The form each grid interval is taken in: ``form``, or the ``"t"`` form where ``form`` is singular.
+
+    On a flow-matching path the half-log-SNR is infinite at both ends (``sigma = 1`` and ``sigma = 0``),
+    ``sigma/alpha`` at the noise end, and the states ``x/alpha``, ``x/sigma`` are singular where ``alpha`` or
+    ``sigma`` vanish. An interval touching such a point is taken in the ``"t"`` form (``dx/dtau = alpha' x0 +
+    sigma' eps``, finite everywhere; one Euler step there is diffusers' flow-Euler step), in both directions, so
+    every solver reaches the clean end and exact solvers stay exact. On VP schedules no interval is singular.
+    """
+    key = ("interval-forms", form.name)
+    if key not in grid.cache:
+        s, w = form_values(form, grid)
+        ok = [math.isfinite(si) and math.isfinite(wi) and wi != 0.0 for si, wi in zip(s, w)]
+        grid.cache[key] = [form if ok[k] and ok[k + 1] else FORMS["t"] for k in range(grid.steps)]
+    return grid.cache[key]
+
+
 def stage_plan(form: ODEForm, grid: Grid, nodes: tuple[float, ...], backward: bool) -> list[StagePlan]:
-    """Per-interval stage timesteps and weights for ``form`` on ``grid``, cached on the grid.
+    """Per-interval stage timesteps and weights for ``form`` on ``grid`` (each interval in its
+    :func:`interval_forms` form), cached on the grid.
 
     Tableaus with a node outside [0, 1] (e.g. EES(2,7;x) for x > 0.17) put a stage of the first or last
     interval beyond the schedule's ends; the model is evaluated there at the nearest end of the schedule.
-    The schedule is evaluated once for all grid points and once for all interior stages.
+    The schedule is evaluated once for all grid points and once per form for all interior stages.
     """
     key = ("rk-plan", form.name, nodes, backward)
     if key not in grid.cache:
         sched = grid.schedule
-        s, w = form_values(form, grid)
-        ends = (form.s_of_t(sched, 0.0), form.s_of_t(sched, sched.T))
-        lo, hi = min(ends), max(ends)
+        forms = interval_forms(form, grid)
         pairs = [(k + 1, k) if backward else (k, k + 1) for k in range(grid.steps)]  # (from, to) grid indices
-        inner = [min(max(s[i] + c * (s[j] - s[i]), lo), hi) for i, j in pairs for c in nodes if c not in (0.0, 1.0)]
-        inner_t = iter(form.t_of_s(sched, torch.tensor(inner, dtype=torch.float64)).tolist() if inner else [])
-        stage_t = [
-            tuple(grid.t[i] if c == 0.0 else grid.t[j] if c == 1.0 else next(inner_t) for c in nodes) for i, j in pairs
-        ]
+        stage_t: list[tuple[float, ...] | None] = [None] * grid.steps
+        for f in {f.name: f for f in forms}.values():
+            s, _ = form_values(f, grid)
+            ends = (f.s_of_t(sched, 0.0), f.s_of_t(sched, sched.T))
+            lo, hi = min(ends), max(ends)
+            mine = [k for k in range(grid.steps) if forms[k] is f]
+            inner = [
+                min(max(s[i] + c * (s[j] - s[i]), lo), hi)
+                for i, j in (pairs[k] for k in mine)
+                for c in nodes
+                if c not in (0.0, 1.0)
+            ]
+            inner_t = iter(f.t_of_s(sched, torch.tensor(inner, dtype=torch.float64)).tolist() if inner else [])
+            for k in mine:
+                i, j = pairs[k]
+                stage_t[k] = tuple(grid.t[i] if c == 0.0 else grid.t[j] if c == 1.0 else next(inner_t) for c in nodes)
         flat = torch.tensor([t for ts in stage_t for t in ts], dtype=torch.float64)
         coefs = iter(zip(sched.alpha(flat).tolist(), sched.sigma(flat).tolist()))
-        plans = [
-            StagePlan(s[j] - s[i], ts, tuple(next(coefs) for _ in ts), w[i], w[j]) for (i, j), ts in zip(pairs, stage_t)
-        ]
+        plans = []
+        for k, ((i, j), ts) in enumerate(zip(pairs, stage_t)):
+            s, w = form_values(forms[k], grid)
+            plans.append(StagePlan(forms[k], s[j] - s[i], ts, tuple(next(coefs) for _ in ts), w[i], w[j]))
         grid.cache[key] = plans
     return grid.cache[key]
 
@@ -116,8 +146,8 @@ class ExplicitRK(Solver):
     def increment(self, field: Field, grid: Grid, k: int, y: Tensor, backward: bool = False) -> Tensor:
         """RK increment in state space over interval ``k``, from its start in the direction of travel."""
         plan = stage_plan(self.form, grid, self.nodes, backward)[k]
-        ts, coefs = plan.t, plan.coefficients
-        return rk_increment(self.tableau, lambda i, yi: self.form.rhs(field, ts[i], yi, coefs[i]), y, plan.h)
+        ts, coefs, form = plan.t, plan.coefficients, plan.form
+        return rk_increment(self.tableau, lambda i, yi: form.rhs(field, ts[i], yi, coefs[i]), y, plan.h)
 
     def _move(self, field: Field, grid: Grid, k: int, state: State, backward: bool) -> State:
         plan = stage_plan(self.form, grid, self.nodes, backward)[k]
