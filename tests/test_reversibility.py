@@ -28,11 +28,12 @@ FORMS = ("t", "lambda-eps", "lambda-x", "sigma")
 RK = ("euler", "heun", "midpoint", "ralston", "rk4", "ees25", "ees27")
 
 
-def defect_slope(solver: diffinv.Solver, schedule) -> tuple[float, list[float]]:
-    """Fitted exponent of the one-step round-trip defect over three step sizes (in lambda)."""
+def defect_slope(solver: diffinv.Solver, schedule, hs: tuple[float, ...] | None = None) -> tuple[float, list[float]]:
+    """Fitted exponent of the one-step round-trip defect over three step sizes (in lambda; default by order)."""
     model = mixture(schedule)
     x = start_points(model, 4)
-    hs = HS_HIGH if solver.reversal_order >= 6 else HS_LOW
+    if hs is None:
+        hs = HS_HIGH if solver.reversal_order >= 6 else HS_LOW
     defects = []
     for h in hs:
         grid = Grid(schedule, schedule.timestep_of_lam(torch.tensor([LAM0, LAM0 + h], dtype=torch.float64)))
