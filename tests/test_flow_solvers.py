@@ -5,6 +5,7 @@ of their official updates (RF-Solver, FireFlow, RF-Inversion)."""
 from __future__ import annotations
 
 import functools
+import itertools
 
 import pytest
 import torch
@@ -197,7 +198,7 @@ def test_rf_solver_equals_the_official_taylor_step(inverse):
     x = start_points(_mix(), 3)
     ts = sigmas[::-1] if inverse else sigmas
     img = x.clone()
-    for t_curr, t_prev in zip(ts[:-1], ts[1:]):
+    for t_curr, t_prev in itertools.pairwise(ts):
         pred = _velocity(img, t_curr)
         img_mid = img + (t_prev - t_curr) / 2 * pred
         pred_mid = _velocity(img_mid, t_curr + (t_prev - t_curr) / 2)
@@ -214,7 +215,7 @@ def test_fireflow_equals_the_official_update(inverse):
     x = start_points(_mix(), 3)
     ts = sigmas[::-1] if inverse else sigmas
     img, next_step_velocity, calls = x.clone(), None, 0
-    for t_curr, t_prev in zip(ts[:-1], ts[1:]):
+    for t_curr, t_prev in itertools.pairwise(ts):
         if next_step_velocity is None:
             pred, calls = _velocity(img, t_curr), calls + 1
         else:
