@@ -30,21 +30,25 @@ class FakeEditor(FakeRoundTrip):
     def __init__(self, config: Any, device: Any, delay: float = 0.0, log: Path | None = None, diverge_on: str = ""):
         self.config, self.delay, self.log, self.diverge_on = config, delay, log, diverge_on
 
-    def invert(self, image: Image.Image, prompt: str) -> FakeInversion:
-        if self.log is not None:
-            fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-            os.write(fd, f"{os.getpid()} {prompt}\n".encode())
-            os.close(fd)
-        time.sleep(self.delay)
-        if self.diverge_on and self.diverge_on in prompt:
-            raise SolverDivergence(self.config.solver, 3, 421.0, float("inf"))
-        return FakeInversion(np.asarray(image).astype(np.int64))
+    def invert(self, images: list[Image.Image], prompts: list[str]) -> FakeInversion:
+        for prompt in prompts:
+            if self.log is not None:
+                fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                os.write(fd, f"{os.getpid()} {prompt}\n".encode())
+                os.close(fd)
+            time.sleep(self.delay)
+            if self.diverge_on and self.diverge_on in prompt:
+                raise SolverDivergence(self.config.solver, 3, 421.0, float("inf"))
+        return FakeInversion(np.stack([np.asarray(image).astype(np.int64) for image in images]))
 
-    def edit(self, inv: FakeInversion, targets: list[str]) -> list[Image.Image]:
-        shift = zlib.crc32(f"{targets[0]}|{self.config.solver}".encode()) % 60 - 30
-        out = inv.pixels.copy()
-        out[10:40, 10:40] += shift
-        return [Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))]
+    def edit(self, inv: FakeInversion, targets: list[list[str]]) -> list[Image.Image]:
+        out = []
+        for pixels, (target,) in zip(inv.pixels, targets, strict=True):
+            shift = zlib.crc32(f"{target}|{self.config.solver}".encode()) % 60 - 30
+            edited = pixels.copy()
+            edited[10:40, 10:40] += shift
+            out.append(Image.fromarray(np.clip(edited, 0, 255).astype(np.uint8)))
+        return out
 
 
 def fake_factory(**kwargs: Any):

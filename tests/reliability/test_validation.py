@@ -53,7 +53,7 @@ def broken_models(tiny_model, tmp_path_factory):
     wrong = root / "wrong"
     shutil.copytree(tiny_model, wrong)
     index = json.loads((wrong / "model_index.json").read_text())
-    (wrong / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    (wrong / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
     flow = root / "flow"
     shutil.copytree(tiny_model, flow)
     config = json.loads((flow / "scheduler" / "scheduler_config.json").read_text())
@@ -140,7 +140,7 @@ def test_edit_refuses_bad_models(files, tiny_model, broken_models, tmp_path):
     cases = [
         (tmp_path / "nowhere", 2, "model folder not found"),
         (files, 2, "not a diffusers model folder"),
-        (broken_models["wrong"], 2, "unsupported pipeline 'FluxPipeline'"),
+        (broken_models["wrong"], 2, "unsupported pipeline 'KandinskyPipeline'"),
         (broken_models["flow"], 2, "'lambda' spacing needs a finite half-log-SNR"),
     ]
     for model, status, message in cases:
