@@ -172,8 +172,9 @@ class ModelFamily:
 
     @property
     def native_size(self) -> tuple[int, int]:
-        """The ``(height, width)`` the model was trained at."""
-        raise NotImplementedError
+        """The ``(height, width)`` the model was trained at (default: the denoiser's square ``sample_size``)."""
+        side = int(self.denoiser.config.sample_size) * self.vae_scale
+        return side, side
 
     @property
     def size_multiple(self) -> int:

@@ -43,11 +43,6 @@ class StableDiffusion(ModelFamily):
         return self.pipe.unet
 
     @property
-    def native_size(self) -> tuple[int, int]:
-        side = int(self.denoiser.config.sample_size) * self.vae_scale
-        return side, side
-
-    @property
     def size_multiple(self) -> int:
         return self.vae_scale * 2 ** (len(self.denoiser.config.block_out_channels) - 1)
 

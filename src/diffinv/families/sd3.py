@@ -32,11 +32,6 @@ class StableDiffusion3(FlowFamily):
         return self.pipe.transformer
 
     @property
-    def native_size(self) -> tuple[int, int]:
-        side = int(self.denoiser.config.sample_size) * self.vae_scale
-        return side, side
-
-    @property
     def size_multiple(self) -> int:
         return self.vae_scale * int(self.denoiser.config.patch_size)
 
